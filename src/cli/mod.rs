@@ -1,0 +1,275 @@
+//! Command-line parsing and output. No logic a library caller would need
+//! lives here: each command calls into the library and prints the result,
+//! as a table for people or as JSON with `--json`.
+
+mod images;
+mod mount;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Mount OCI/Docker images as a filesystem, straight from their compressed layers.
+#[derive(Debug, Parser)]
+#[command(name = "rmount", version, about, long_about = None)]
+#[command(after_help = "Short form: `rmount REF DIR` is `rmount mount REF DIR`.")]
+pub struct Cli {
+    /// State directory (store, indexes, mounts).
+    /// [default: /var/lib/rmount as root, $XDG_DATA_HOME/rmount otherwise]
+    #[arg(long, global = true, env = "RMOUNT_ROOT", value_name = "DIR")]
+    pub root: Option<PathBuf>,
+
+    /// More logging (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load images from an OCI layout (directory or tar) or a `docker save` tarball.
+    Load(LoadArgs),
+    /// Save images to a tar archive (OCI layout or `docker save` format).
+    Save(SaveArgs),
+    /// List images.
+    Images(ListArgs),
+    /// Show details of one or more images as JSON.
+    Inspect(InspectArgs),
+    /// Show the history of an image.
+    History(HistoryArgs),
+    /// Create a tag DST that refers to SRC.
+    Tag(TagArgs),
+    /// Remove one or more images.
+    Rmi(RmiArgs),
+    /// Remove blobs that no image refers to.
+    Prune(ListArgs),
+    /// Show disk usage of images, layers, cache and mounts.
+    Df(ListArgs),
+    /// Mount an image at a directory.
+    Mount(MountArgs),
+    /// Unmount an image mounted by rmount.
+    #[command(alias = "unmount")]
+    Umount(UmountArgs),
+}
+
+/// `rmount load`.
+#[derive(Debug, Args)]
+pub struct LoadArgs {
+    /// OCI layout directory, OCI archive or docker-archive tarball.
+    #[arg(short, long, value_name = "FILE|DIR")]
+    pub input: PathBuf,
+    /// Print only image ids.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// Archive formats `rmount save` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SaveFormat {
+    /// OCI image layout in a tar (`oci-archive:` in skopeo).
+    OciArchive,
+    /// `docker save` format (`docker-archive:` in skopeo).
+    DockerArchive,
+}
+
+/// `rmount save`.
+#[derive(Debug, Args)]
+pub struct SaveArgs {
+    /// Images to save.
+    #[arg(required = true, value_name = "REF")]
+    pub references: Vec<String>,
+    /// Output file.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// Archive format.
+    #[arg(long, value_enum, default_value_t = SaveFormat::OciArchive)]
+    pub format: SaveFormat,
+}
+
+/// Listing commands: `images`, `prune`, `df`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `rmount inspect`.
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// Images to inspect.
+    #[arg(required = true, value_name = "REF")]
+    pub references: Vec<String>,
+}
+
+/// `rmount history`.
+#[derive(Debug, Args)]
+pub struct HistoryArgs {
+    /// The image.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Do not truncate output.
+    #[arg(long)]
+    pub no_trunc: bool,
+}
+
+/// `rmount tag`.
+#[derive(Debug, Args)]
+pub struct TagArgs {
+    /// Existing image.
+    #[arg(value_name = "SRC")]
+    pub source: String,
+    /// New reference.
+    #[arg(value_name = "DST")]
+    pub target: String,
+}
+
+/// `rmount rmi`.
+#[derive(Debug, Args)]
+pub struct RmiArgs {
+    /// Images to remove.
+    #[arg(required = true, value_name = "REF")]
+    pub references: Vec<String>,
+    /// Remove even while mounted.
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+/// `rmount mount`.
+#[derive(Debug, Args)]
+pub struct MountArgs {
+    /// Image to mount.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Mountpoint (an existing directory).
+    #[arg(value_name = "DIR")]
+    pub mountpoint: PathBuf,
+    /// Mount read-only.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Serve the mount in this process until it is unmounted.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Memory for decompressed spans, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub cache_mem: u64,
+}
+
+/// `rmount umount`.
+#[derive(Debug, Args)]
+pub struct UmountArgs {
+    /// Mountpoint.
+    #[arg(value_name = "DIR")]
+    pub mountpoint: PathBuf,
+    /// Force the unmount even if the filesystem is busy.
+    #[arg(short, long)]
+    pub force: bool,
+}
+
+const SUBCOMMANDS: &[&str] = &[
+    "load", "save", "images", "inspect", "history", "tag", "rmi", "prune", "df", "mount", "umount",
+    "unmount", "help",
+];
+
+/// Rewrites `rmount [OPTS] REF DIR …` into `rmount [OPTS] mount REF DIR …`.
+fn expand_short_form(mut args: Vec<String>) -> Vec<String> {
+    let mut i = 1;
+    while i < args.len() {
+        let a = &args[i];
+        if a == "--root" {
+            i += 2;
+            continue;
+        }
+        if a.starts_with('-') {
+            i += 1;
+            continue;
+        }
+        if !SUBCOMMANDS.contains(&a.as_str()) {
+            args.insert(i, "mount".to_string());
+        }
+        break;
+    }
+    args
+}
+
+fn default_root() -> PathBuf {
+    if rustix::process::geteuid().is_root() {
+        return PathBuf::from("/var/lib/rmount");
+    }
+    let data = std::env::var_os("XDG_DATA_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    data.join("rmount")
+}
+
+fn init_logging(verbose: u8) {
+    let default = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// Entry point of the `rmount` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse_from(expand_short_form(std::env::args().collect()));
+    init_logging(cli.verbose);
+    let root = cli.root.clone().unwrap_or_else(default_root);
+    let result = match cli.command {
+        Command::Load(a) => images::load(&root, &a),
+        Command::Save(a) => images::save(&root, &a),
+        Command::Images(a) => images::list(&root, &a),
+        Command::Inspect(a) => images::inspect(&root, &a),
+        Command::History(a) => images::history(&root, &a),
+        Command::Tag(a) => images::tag(&root, &a),
+        Command::Rmi(a) => images::rmi(&root, &a),
+        Command::Prune(a) => images::prune(&root, &a),
+        Command::Df(a) => images::df(&root, &a),
+        Command::Mount(a) => mount::mount(&root, &a),
+        Command::Umount(a) => mount::umount(&root, &a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("rmount: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn v(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn short_form_becomes_mount() {
+        assert_eq!(expand_short_form(v("rmount nginx /mnt")), v("rmount mount nginx /mnt"));
+        assert_eq!(
+            expand_short_form(v("rmount --root /r -v nginx /mnt")),
+            v("rmount --root /r -v mount nginx /mnt")
+        );
+        assert_eq!(expand_short_form(v("rmount images --json")), v("rmount images --json"));
+    }
+
+    #[test]
+    fn cli_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,30 @@
+//! rmount mounts OCI/Docker images as a filesystem, reading file data straight
+//! from the compressed layer blobs (no extraction step).
+//!
+//! Modules follow the data flow, each depending only on those above it
+//! (plus [`sys`], the one home of `unsafe` and raw syscalls):
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`digest`] | content digests (`sha256:…`), hashing readers/writers |
+//! | [`durable`] | the one helper for durable writes: temp file → fsync → rename |
+//! | [`reference`] | parsing and normalising image references like Docker does |
+//! | [`store`] | the local content-addressed store in OCI image-layout form, archives, GC |
+//! | [`layer`] | one pass over a layer blob into a [`layer::LayerIndex`]; random access into gzip/zstd/plain blobs |
+//! | [`cache`] | the bounded in-memory LRU of decompressed spans, single-flight |
+//! | [`fs`] | the union tree of a layer stack, the FUSE adapter, mount/umount |
+//! | [`cli`] | argument parsing and human/JSON output only |
+//!
+//! See `docs/architecture.md` for the on-disk formats and the reasons behind them.
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cache;
+pub mod cli;
+pub mod digest;
+pub mod durable;
+pub mod fs;
+pub mod layer;
+pub mod reference;
+pub mod store;
+pub mod sys;

@@ -16,8 +16,25 @@
 //! * When a path appears twice in one layer, the last entry wins; the index
 //!   keeps only that one.
 
+mod build;
+mod gzip;
+mod persist;
+mod reader;
+mod scan;
+mod zstd;
+
+pub use build::build_index;
+pub use gzip::GzipMap;
+pub use persist::{load_index, save_index};
+pub use reader::LayerReader;
+pub use scan::ScanError;
+pub use zstd::ZstdMap;
+
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
+
+/// Uncompressed bytes between checkpoints: the unit of decompression and caching.
+pub const SPAN_SIZE: usize = 4 << 20;
 
 /// One entry of a layer, after PAX/GNU long names and xattrs are applied.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,12 +128,25 @@ pub struct LayerIndex {
     pub uncompressed_size: u64,
     /// Entries in tar order (later duplicates removed).
     pub entries: Vec<Entry>,
+    /// How to find an uncompressed offset in the blob.
+    pub access: AccessMap,
 }
 
-/// Errors from indexing or reading a layer. (Layer helper: extend freely.)
+/// The random-access map of a blob: one type per format.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum AccessMap {
+    /// Uncompressed offsets are blob offsets.
+    Plain,
+    /// gzip checkpoints.
+    Gzip(GzipMap),
+    /// zstd frames.
+    Zstd(ZstdMap),
+}
+
+/// Errors from indexing or reading a layer.
 #[derive(Debug, thiserror::Error)]
 pub enum LayerError {
-    /// I/O on the blob or the index cache.
+    /// I/O on the blob, or corrupt compressed data.
     #[error("layer {digest}: {source}")]
     Io {
         /// The blob.
@@ -124,39 +154,58 @@ pub enum LayerError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The blob's content does not match its digest.
+    #[error("layer {expected}: content has digest {actual}; the blob is corrupt, remove it and load the image again")]
+    DigestMismatch {
+        /// The digest the blob is stored under.
+        expected: Digest,
+        /// What its bytes hash to.
+        actual: Digest,
+    },
+    /// The compressed data is corrupt or truncated.
+    #[error("layer {digest}: {reason}; the blob is damaged, load or pull the image again")]
+    Corrupt {
+        /// The blob.
+        digest: Digest,
+        /// What the decompressor found.
+        reason: String,
+    },
+    /// The tar stream inside the blob is unusable.
+    #[error("layer {digest}: {source}")]
+    Tar {
+        /// The blob.
+        digest: Digest,
+        /// The cause.
+        source: ScanError,
+    },
 }
 
-/// Random access to the uncompressed tar stream of one layer blob.
-///
-/// Cheap to share between threads (`&self` reads); holds the index.
-pub struct LayerReader {
-    index: std::sync::Arc<LayerIndex>,
+/// Raised (inside an `io::Error`) by the decompressors, so corrupt
+/// compression can be told apart from a malformed tar.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub(crate) struct CorruptData(String);
+
+pub(crate) fn corrupt(reason: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidData, CorruptData(reason.into()))
 }
 
-impl LayerReader {
-    /// Opens the layer blob at `blob_path`: loads its index from
-    /// `index_dir` (keyed by `blob_digest`) or builds it with one pass over the
-    /// blob (verifying the blob digest) and persists it there. Decompressed
-    /// spans are kept in the shared `cache`.
-    pub fn open(
-        blob_path: &std::path::Path,
-        blob_digest: &Digest,
-        index_dir: &std::path::Path,
-        cache: std::sync::Arc<crate::cache::SpanCache>,
-    ) -> Result<Self, LayerError> {
-        let _ = (blob_path, blob_digest, index_dir, cache);
-        todo!("layer helper")
+/// The decompressor's complaint somewhere in `error`'s chain, if any.
+pub(crate) fn corrupt_reason(error: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(found) = e.downcast_ref::<CorruptData>() {
+            return Some(found.0.clone());
+        }
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(found) = inner.downcast_ref::<CorruptData>() {
+                return Some(found.0.clone());
+            }
+        }
+        current = e.source();
     }
-
-    /// The layer's index.
-    pub fn index(&self) -> &std::sync::Arc<LayerIndex> {
-        &self.index
-    }
-
-    /// Reads up to `buf.len()` bytes of the uncompressed tar stream at
-    /// `offset`; returns fewer only at the end of the stream.
-    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, LayerError> {
-        let _ = (offset, buf);
-        todo!("layer helper")
-    }
+    None
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,3 +1,5 @@
 //! The one home of `unsafe`, libc/rustix and raw syscalls. Everything here
 //! offers a small safe API; every `unsafe` block has a `SAFETY:` comment.
 #![allow(unsafe_code)]
+
+pub mod inflate;

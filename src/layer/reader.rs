@@ -1,0 +1,155 @@
+//! [`LayerReader`]: reads of the uncompressed tar stream served from the
+//! compressed blob through its access map and the shared span cache.
+
+use super::gzip::GzipMap;
+use super::zstd::{ZstdMap, ZstdSpan};
+use super::{
+    build_index, corrupt_reason, load_index, save_index, AccessMap, LayerError, LayerIndex,
+};
+use crate::cache::{SpanCache, SpanData, SpanKey};
+use crate::digest::Digest;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Random access to the uncompressed tar stream of one layer blob.
+///
+/// Shared between threads (`&self` reads); holds the index.
+pub struct LayerReader {
+    index: Arc<LayerIndex>,
+    blob: File,
+    digest: Arc<Digest>,
+    cache: Arc<SpanCache>,
+    /// Uncompressed start of each span (empty for plain blobs).
+    span_starts: Vec<u64>,
+    /// zstd only: the frame of each span.
+    zstd_spans: Vec<ZstdSpan>,
+}
+
+impl LayerReader {
+    /// Opens the layer blob at `blob_path`: loads its index from `index_dir`
+    /// (keyed by `blob_digest`) or builds it with one pass over the blob
+    /// (verifying the blob digest) and persists it there. Decompressed spans
+    /// are kept in the shared `cache`.
+    pub fn open(
+        blob_path: &Path,
+        blob_digest: &Digest,
+        index_dir: &Path,
+        cache: Arc<SpanCache>,
+    ) -> Result<Self, LayerError> {
+        let io_err = |source| LayerError::Io { digest: blob_digest.clone(), source };
+        let blob = File::open(blob_path).map_err(io_err)?;
+        let index = match load_index(index_dir, blob_digest) {
+            Some(index) => index,
+            None => {
+                let index = build_index(&blob, blob_digest)?;
+                if let Err(e) = save_index(index_dir, &index) {
+                    tracing::warn!(layer = %blob_digest, "could not persist the layer index: {e}");
+                }
+                index
+            }
+        };
+        Ok(Self::with_index(Arc::new(index), blob, cache))
+    }
+
+    /// A reader over an already opened blob and its index.
+    pub fn with_index(index: Arc<LayerIndex>, blob: File, cache: Arc<SpanCache>) -> Self {
+        let (span_starts, zstd_spans) = match &index.access {
+            AccessMap::Plain => (Vec::new(), Vec::new()),
+            AccessMap::Gzip(map) => {
+                ((0..map.span_count()).map(|i| map.span_start(i)).collect(), Vec::new())
+            }
+            AccessMap::Zstd(map) => {
+                let spans = map.spans();
+                (spans.iter().map(|s| s.out_start).collect(), spans)
+            }
+        };
+        let digest = Arc::new(index.blob_digest.clone());
+        Self { index, blob, digest, cache, span_starts, zstd_spans }
+    }
+
+    /// The layer's index.
+    pub fn index(&self) -> &Arc<LayerIndex> {
+        &self.index
+    }
+
+    /// Reads up to `buf.len()` bytes of the uncompressed tar stream at
+    /// `offset`; returns fewer only at the end of the stream.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, LayerError> {
+        let size = self.index.uncompressed_size;
+        if offset >= size || buf.is_empty() {
+            return Ok(0);
+        }
+        let len = buf.len().min((size - offset) as usize);
+        if matches!(self.index.access, AccessMap::Plain) {
+            self.blob.read_exact_at(&mut buf[..len], offset).map_err(|e| self.error(e))?;
+            return Ok(len);
+        }
+        let mut done = 0;
+        while done < len {
+            let pos = offset + done as u64;
+            let span = self.span_starts.partition_point(|&start| start <= pos) - 1;
+            let data = self.span(span)?;
+            let within = (pos - self.span_starts[span]) as usize;
+            let n = (len - done).min(data.len().saturating_sub(within));
+            if n == 0 {
+                return Err(self.error(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "span shorter than its index says",
+                )));
+            }
+            buf[done..done + n].copy_from_slice(&data[within..within + n]);
+            done += n;
+        }
+        Ok(len)
+    }
+
+    fn span_len(&self, i: usize) -> usize {
+        let end = self.span_starts.get(i + 1).copied().unwrap_or(self.index.uncompressed_size);
+        (end - self.span_starts[i]) as usize
+    }
+
+    fn key(&self, span: usize) -> SpanKey {
+        SpanKey { blob: self.digest.clone(), span: span as u32 }
+    }
+
+    fn span(&self, i: usize) -> Result<SpanData, LayerError> {
+        self.cache.get_or_load(&self.key(i), || {
+            let data = match &self.index.access {
+                AccessMap::Plain => {
+                    return Err(self.error(io::Error::other("plain blobs have no spans")))
+                }
+                AccessMap::Gzip(map) => self.decode_gzip(map, i)?,
+                AccessMap::Zstd(map) => self.decode_zstd(map, i)?,
+            };
+            Ok(data.into())
+        })
+    }
+
+    fn decode_gzip(&self, map: &GzipMap, i: usize) -> Result<Vec<u8>, LayerError> {
+        map.decode_span(&self.blob, i, self.span_len(i)).map_err(|e| self.error(e))
+    }
+
+    fn decode_zstd(&self, map: &ZstdMap, target: usize) -> Result<Vec<u8>, LayerError> {
+        let mut wanted = None;
+        map.decode_span(&self.blob, &self.zstd_spans, target, &mut |i, data| {
+            if i == target {
+                wanted = Some(data);
+            } else {
+                self.cache.insert(self.key(i), data.into());
+            }
+        })
+        .map_err(|e| self.error(e))?;
+        wanted.ok_or_else(|| self.error(io::Error::other("zstd span was not decoded")))
+    }
+
+    fn error(&self, source: io::Error) -> LayerError {
+        let digest = self.index.blob_digest.clone();
+        match corrupt_reason(&source) {
+            Some(reason) => LayerError::Corrupt { digest, reason },
+            None => LayerError::Io { digest, source },
+        }
+    }
+}

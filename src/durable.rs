@@ -22,7 +22,7 @@ impl AtomicFile {
         fs::create_dir_all(dir)?;
         let name = dest.file_name().map(|n| n.to_string_lossy()).unwrap_or_default();
         let tmp = dir.join(format!(".tmp-{}-{}-{}", name, std::process::id(), unique()));
-        let file = File::options().write(true).create_new(true).open(&tmp)?;
+        let file = File::options().read(true).write(true).create_new(true).open(&tmp)?;
         Ok(Self { file: Some(file), tmp, dest: dest.to_path_buf() })
     }
 
@@ -32,12 +32,19 @@ impl AtomicFile {
     }
 
     /// fsyncs the data, renames it over the destination and fsyncs the directory.
-    pub fn commit(mut self) -> io::Result<()> {
+    pub fn commit(self) -> io::Result<()> {
+        let dest = self.dest.clone();
+        self.commit_to(&dest)
+    }
+
+    /// Like [`AtomicFile::commit`], but to `dest` (in the same directory or
+    /// file system): for content whose name is known only once written.
+    pub fn commit_to(mut self, dest: &Path) -> io::Result<()> {
         let file = self.file.take().expect("file present until commit");
         file.sync_all()?;
         drop(file);
-        fs::rename(&self.tmp, &self.dest)?;
-        if let Some(dir) = self.dest.parent() {
+        fs::rename(&self.tmp, dest)?;
+        if let Some(dir) = dest.parent() {
             File::open(dir)?.sync_all()?;
         }
         Ok(())

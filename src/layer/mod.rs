@@ -25,7 +25,7 @@ mod zstd;
 
 pub use build::build_index;
 pub use gzip::GzipMap;
-pub use persist::{load_index, save_index};
+pub use persist::{index_path, load_index, save_index};
 pub use reader::LayerReader;
 pub use scan::ScanError;
 pub use zstd::ZstdMap;

@@ -1,0 +1,96 @@
+//! Records of live mounts, so `rmi` can refuse to remove a mounted image and
+//! `df` can count mounts. One JSON file per mountpoint under `ROOT/mounts/`;
+//! a record whose serving process is gone is stale and dropped.
+
+use super::{io_err, Store, StoreError};
+use crate::digest::Digest;
+use crate::durable::write_atomic;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// A live mount.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MountRecord {
+    /// Absolute mountpoint.
+    pub mountpoint: PathBuf,
+    /// The reference the user mounted.
+    pub reference: String,
+    /// Image id (config digest).
+    pub image_id: Digest,
+    /// PID of the process serving the mount.
+    pub pid: u32,
+    /// Mounted read-only.
+    pub read_only: bool,
+}
+
+impl Store {
+    fn mounts_dir(&self) -> PathBuf {
+        self.root().join("mounts")
+    }
+
+    fn record_path(&self, mountpoint: &Path) -> PathBuf {
+        let key = Digest::of(mountpoint.as_os_str().as_encoded_bytes());
+        self.mounts_dir().join(format!("{}.json", &key.hex()[..16]))
+    }
+
+    /// Where the serving process of `mountpoint` writes its log.
+    pub fn mount_log_path(&self, mountpoint: &Path) -> PathBuf {
+        self.record_path(mountpoint).with_extension("log")
+    }
+
+    /// Records a live mount.
+    pub fn add_mount(&self, record: &MountRecord) -> Result<(), StoreError> {
+        let path = self.record_path(&record.mountpoint);
+        let json = serde_json::to_vec_pretty(record).map_err(|e| StoreError::Invalid {
+            what: path.display().to_string(),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&path, &json).map_err(io_err(&path))
+    }
+
+    /// Forgets the mount at `mountpoint`.
+    pub fn remove_mount(&self, mountpoint: &Path) -> Result<(), StoreError> {
+        let path = self.record_path(mountpoint);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(io_err(&path)(e)),
+            _ => Ok(()),
+        }
+    }
+
+    /// The record of the mount at `mountpoint`, if it is live.
+    pub fn mount_at(&self, mountpoint: &Path) -> Result<Option<MountRecord>, StoreError> {
+        Ok(self.mounts()?.into_iter().find(|m| m.mountpoint == mountpoint))
+    }
+
+    /// Live mounts (records whose serving process is gone are dropped).
+    pub fn mounts(&self) -> Result<Vec<MountRecord>, StoreError> {
+        let dir = self.mounts_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut live = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue;
+            }
+            let Ok(data) = std::fs::read(&path) else { continue };
+            let Ok(record) = serde_json::from_slice::<MountRecord>(&data) else { continue };
+            if process_alive(record.pid) {
+                live.push(record);
+            } else {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        live.sort_by(|a, b| a.mountpoint.cmp(&b.mountpoint));
+        Ok(live)
+    }
+}
+
+fn process_alive(pid: u32) -> bool {
+    let Ok(pid) = i32::try_from(pid) else { return false };
+    rustix::process::Pid::from_raw(pid)
+        .is_some_and(|pid| rustix::process::test_kill_process(pid).is_ok())
+}

@@ -1,2 +1,5 @@
 //! The union tree of a layer stack, the FUSE adapter and mount/umount.
-//! (FS helper: implement.)
+
+pub mod union;
+
+pub use union::{EntryRef, Node, UnionTree, ROOT_INO};

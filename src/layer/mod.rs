@@ -14,7 +14,8 @@
 //! * `EntryKind::Hardlink::target` is a normalised path inside the same layer
 //!   that names an earlier `File` entry (indexing fails otherwise).
 //! * When a path appears twice in one layer, the last entry wins; the index
-//!   keeps only that one.
+//!   keeps only that one. (An `Opaque` marker and its directory's own entry
+//!   share a path and are both kept.)
 
 mod build;
 mod gzip;

@@ -44,22 +44,24 @@ pub enum ScanError {
 pub fn scan_tar<R: Read>(reader: R) -> Result<Vec<Entry>, ScanError> {
     let mut archive = tar::Archive::new(reader);
     let mut entries: Vec<Entry> = Vec::new();
-    let mut by_path: HashMap<Box<str>, usize> = HashMap::new();
+    // An opaque marker shares its directory's path, so it is keyed apart.
+    let mut by_path: HashMap<(Box<str>, bool), usize> = HashMap::new();
     for item in archive.entries().map_err(ScanError::Tar)? {
         let mut item = item.map_err(ScanError::Tar)?;
         let Some(entry) = to_entry(&mut item)? else { continue };
         if let EntryKind::Hardlink { target } = &entry.kind {
-            if !by_path.contains_key(target) {
+            if !by_path.contains_key(&(target.clone(), false)) {
                 return Err(ScanError::MissingLinkTarget {
                     path: entry.path.to_string(),
                     target: target.to_string(),
                 });
             }
         }
-        match by_path.get(&entry.path) {
+        let key = (entry.path.clone(), entry.kind == EntryKind::Opaque);
+        match by_path.get(&key) {
             Some(&i) => entries[i] = entry,
             None => {
-                by_path.insert(entry.path.clone(), entries.len());
+                by_path.insert(key, entries.len());
                 entries.push(entry);
             }
         }

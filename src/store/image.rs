@@ -111,7 +111,7 @@ impl Store {
                 invalid(format!("index {digest}"), "no manifest for this platform")
             })?;
             let child = oci_digest(chosen)?;
-            return self.image_from_manifest(&child, &chosen.media_type().to_string(), reference);
+            return self.image_from_manifest(&child, chosen.media_type().as_ref(), reference);
         }
         let manifest: ImageManifest =
             serde_json::from_value(json).map_err(|e| invalid(format!("manifest {digest}"), e))?;

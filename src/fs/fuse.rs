@@ -1,0 +1,348 @@
+//! The FUSE adapter: each kernel request calls one [`ImageFs`] method that
+//! returns `Result<_, FsError>` and replies with its value or its errno.
+//! The tree is immutable, so attributes and entries get long TTLs and file
+//! pages stay in the kernel's cache across opens (`FOPEN_KEEP_CACHE`).
+
+use super::union::{Node, UnionTree};
+use crate::layer::{Entry, EntryKind, LayerError, LayerReader};
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+};
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// How long the kernel may cache attributes and lookups: the tree never changes.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+const BLOCK: u32 = 4096;
+
+/// Why a filesystem request failed; each maps to one errno.
+#[derive(Debug, thiserror::Error)]
+pub enum FsError {
+    /// No such inode or name.
+    #[error("no such file or directory")]
+    NotFound,
+    /// The inode is not a directory.
+    #[error("not a directory")]
+    NotDir,
+    /// The inode is not a symlink / not a regular file.
+    #[error("invalid argument")]
+    Invalid,
+    /// No such extended attribute.
+    #[error("no such attribute")]
+    NoAttr,
+    /// The caller's buffer is too small.
+    #[error("buffer too small")]
+    Range,
+    /// A write on the read-only mount.
+    #[error("read-only file system")]
+    ReadOnly,
+    /// Reading layer data failed.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+}
+
+impl FsError {
+    /// The errno the kernel gets.
+    pub fn errno(&self) -> Errno {
+        match self {
+            FsError::NotFound => Errno::ENOENT,
+            FsError::NotDir => Errno::ENOTDIR,
+            FsError::Invalid => Errno::EINVAL,
+            FsError::NoAttr => Errno::NO_XATTR,
+            FsError::Range => Errno::ERANGE,
+            FsError::ReadOnly => Errno::EROFS,
+            FsError::Layer(e) => {
+                tracing::error!("{e}");
+                Errno::EIO
+            }
+        }
+    }
+}
+
+/// A mounted image: the union tree and a reader per layer.
+pub struct ImageFs {
+    tree: UnionTree,
+    /// Parallel to the tree's layer stack.
+    readers: Vec<LayerReader>,
+}
+
+fn time(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+impl ImageFs {
+    /// Serves `tree` with one reader per layer of its stack (same order).
+    pub fn new(tree: UnionTree, readers: Vec<LayerReader>) -> Self {
+        Self { tree, readers }
+    }
+
+    /// The union tree.
+    pub fn tree(&self) -> &UnionTree {
+        &self.tree
+    }
+
+    fn node(&self, ino: u64) -> Result<&Node, FsError> {
+        self.tree.node(ino).ok_or(FsError::NotFound)
+    }
+
+    /// `stat` of inode `ino`.
+    pub fn attr(&self, ino: u64) -> Result<FileAttr, FsError> {
+        let node = self.node(ino)?;
+        let (kind, size, rdev) = match self.tree.entry(node).map(|e| &e.kind) {
+            None | Some(EntryKind::Dir) => (FileType::Directory, u64::from(BLOCK), 0),
+            Some(EntryKind::File { size, .. }) => (FileType::RegularFile, *size, 0),
+            Some(EntryKind::Symlink { target }) => (FileType::Symlink, target.len() as u64, 0),
+            Some(EntryKind::CharDevice { rdev }) => (FileType::CharDevice, 0, *rdev),
+            Some(EntryKind::BlockDevice { rdev }) => (FileType::BlockDevice, 0, *rdev),
+            Some(EntryKind::Fifo) => (FileType::NamedPipe, 0, 0),
+            // Hardlinks are resolved and markers hidden when the tree is built.
+            Some(EntryKind::Hardlink { .. } | EntryKind::Whiteout | EntryKind::Opaque) => {
+                return Err(FsError::NotFound)
+            }
+        };
+        let (perm, uid, gid, mtime) = match self.tree.entry(node) {
+            Some(e) => (e.mode, e.uid, e.gid, e.mtime),
+            None => (0o755, 0, 0, 0),
+        };
+        let t = time(mtime);
+        Ok(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind,
+            perm: perm as u16,
+            nlink: node.nlink,
+            uid,
+            gid,
+            rdev: rdev as u32,
+            blksize: BLOCK,
+            flags: 0,
+        })
+    }
+
+    /// Looks `name` up in directory `parent`.
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr, FsError> {
+        if !self.node(parent)?.is_dir {
+            return Err(FsError::NotDir);
+        }
+        let name = std::str::from_utf8(name.as_bytes()).map_err(|_| FsError::NotFound)?;
+        let ino = self.tree.lookup(parent, name).ok_or(FsError::NotFound)?;
+        self.attr(ino)
+    }
+
+    fn entry(&self, ino: u64) -> Result<&Entry, FsError> {
+        self.tree.entry(self.node(ino)?).ok_or(FsError::Invalid)
+    }
+
+    /// The target of symlink `ino`.
+    pub fn readlink(&self, ino: u64) -> Result<&[u8], FsError> {
+        match &self.entry(ino)?.kind {
+            EntryKind::Symlink { target } => Ok(target.as_bytes()),
+            _ => Err(FsError::Invalid),
+        }
+    }
+
+    /// Reads up to `size` bytes of regular file `ino` at `offset`.
+    pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        let node = self.node(ino)?;
+        let layer = node.source.ok_or(FsError::Invalid)?.layer as usize;
+        let EntryKind::File { offset: start, size: len } = self.entry(ino)?.kind else {
+            return Err(FsError::Invalid);
+        };
+        if offset >= len {
+            return Ok(Vec::new());
+        }
+        let n = (u64::from(size)).min(len - offset) as usize;
+        let mut buf = vec![0; n];
+        let reader = self.readers.get(layer).ok_or(FsError::Invalid)?;
+        let got = reader.read_at(start + offset, &mut buf)?;
+        buf.truncate(got);
+        Ok(buf)
+    }
+
+    /// The value of extended attribute `name` of `ino`.
+    pub fn xattr(&self, ino: u64, name: &OsStr) -> Result<&[u8], FsError> {
+        let node = self.node(ino)?;
+        let entry = self.tree.entry(node).ok_or(FsError::NoAttr)?;
+        entry
+            .xattrs
+            .iter()
+            .find(|x| x.name.as_bytes() == name.as_bytes())
+            .map(|x| &*x.value)
+            .ok_or(FsError::NoAttr)
+    }
+
+    /// The NUL-separated names of `ino`'s extended attributes.
+    pub fn xattr_names(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let node = self.node(ino)?;
+        let mut out = Vec::new();
+        for x in self.tree.entry(node).map(|e| &*e.xattrs).unwrap_or_default() {
+            out.extend_from_slice(x.name.as_bytes());
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    /// Directory entries of `ino` from `offset`: (next offset, inode, name).
+    fn dir_entries(&self, ino: u64, offset: u64) -> Result<Vec<(u64, u64, &str)>, FsError> {
+        let node = self.node(ino)?;
+        if !node.is_dir {
+            return Err(FsError::NotDir);
+        }
+        let dots = [(ino, "."), (node.parent, "..")];
+        let all = dots.into_iter().chain(node.children.iter().map(|(n, i)| (*i, &**n)));
+        Ok(all
+            .enumerate()
+            .skip(offset as usize)
+            .map(|(i, (child, name))| (i as u64 + 1, child, name))
+            .collect())
+    }
+}
+
+fn reply_xattr(value: Result<&[u8], FsError>, size: u32, reply: ReplyXattr) {
+    match value {
+        Ok(v) if size == 0 => reply.size(v.len() as u32),
+        Ok(v) if v.len() > size as usize => reply.error(FsError::Range.errno()),
+        Ok(v) => reply.data(v),
+        Err(e) => reply.error(e.errno()),
+    }
+}
+
+impl fuser::Filesystem for ImageFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.lookup(parent.0, name) {
+            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino.0) {
+            Ok(attr) => reply.attr(&TTL, &attr),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.readlink(ino.0) {
+            Ok(target) => reply.data(target),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(FsError::ReadOnly.errno());
+        }
+        match self.node(ino.0) {
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<fuser::LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.read(ino.0, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.node(ino.0) {
+            Ok(n) if n.is_dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR),
+            Ok(_) => reply.error(FsError::NotDir.errno()),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.dir_entries(ino.0, offset) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e.errno()),
+        };
+        for (next, child, name) in entries {
+            let kind = self.attr(child).map_or(FileType::RegularFile, |a| a.kind);
+            if reply.add(INodeNo(child), next, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let entries = match self.dir_entries(ino.0, offset) {
+            Ok(entries) => entries,
+            Err(e) => return reply.error(e.errno()),
+        };
+        for (next, child, name) in entries {
+            let Ok(attr) = self.attr(child) else { continue };
+            if reply.add(INodeNo(child), next, name, &TTL, &attr, Generation(0)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let bytes: u64 = self.tree.layers().iter().map(|l| l.uncompressed_size).sum();
+        let files = self.tree.len() as u64;
+        reply.statfs(bytes.div_ceil(u64::from(BLOCK)), 0, 0, files, 0, BLOCK, 255, BLOCK);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(self.xattr(ino.0, name), size, reply);
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let names = self.xattr_names(ino.0);
+        reply_xattr(
+            names.as_ref().map(|n| n.as_slice()).map_err(|_| FsError::NotFound),
+            size,
+            reply,
+        );
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission bits are checked by the kernel (`default_permissions`).
+        match self.node(ino.0) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(FsError::ReadOnly.errno()),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e.errno()),
+        }
+    }
+}

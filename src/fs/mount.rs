@@ -1,0 +1,209 @@
+//! Mounting and unmounting: opening an image's layers (indexing those
+//! without a persisted index), building the union tree, serving it over
+//! FUSE, and recording the mount so `rmi` and `df` see it.
+
+use super::{ImageFs, UnionTree};
+use crate::cache::SpanCache;
+use crate::layer::{LayerError, LayerReader};
+use crate::store::{MountRecord, Store, StoreError};
+use fuser::{Config, MountOption, SessionACL};
+use rustix::mount::{unmount, UnmountFlags};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Errors of mount and umount.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    /// The store failed (image not found, blob missing…).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A layer could not be indexed or opened.
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    /// The mountpoint is unusable.
+    #[error("mountpoint {path}: {reason}")]
+    Mountpoint {
+        /// The mountpoint.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The FUSE mount or unmount itself failed.
+    #[error("{action} {path}: {source}")]
+    Fuse {
+        /// What was attempted.
+        action: &'static str,
+        /// The mountpoint.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Bytes of decompressed spans to keep in memory.
+    pub cache_bytes: u64,
+    /// FUSE worker threads.
+    pub threads: usize,
+}
+
+/// Opens every layer of `reference`'s image (in parallel) and merges them.
+pub fn open_image(
+    store: &Store,
+    reference: &str,
+    cache: Arc<SpanCache>,
+) -> Result<(crate::store::Image, ImageFs), MountError> {
+    let image = store.resolve(reference)?;
+    store.check_complete(&image)?;
+    let index_dir = store.index_dir();
+    let readers: Vec<Result<LayerReader, LayerError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = image
+            .layers
+            .iter()
+            .map(|layer| {
+                let (path, cache, index_dir) =
+                    (store.blob_path(&layer.digest), cache.clone(), &index_dir);
+                s.spawn(move || LayerReader::open(&path, &layer.digest, index_dir, cache))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let readers = readers.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let tree = UnionTree::build(readers.iter().map(|r| r.index().clone()).collect());
+    Ok((image, ImageFs::new(tree, readers)))
+}
+
+fn fuse_config(reference: &str, threads: usize) -> Config {
+    let root = rustix::process::geteuid().is_root();
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName(format!("rmount:{reference}")),
+        MountOption::Subtype("rmount".into()),
+        MountOption::Suid,
+        MountOption::Dev,
+        MountOption::DefaultPermissions,
+    ];
+    config.acl = if root { SessionACL::All } else { SessionACL::Owner };
+    config.n_threads = Some(threads.max(1));
+    config.clone_fd = true;
+    config
+}
+
+/// Mounts `reference` at `mountpoint` and serves it until it is unmounted or
+/// the process gets SIGTERM/SIGINT/SIGHUP (then it unmounts itself).
+/// `ready` runs once the mount answers requests.
+pub fn serve(
+    store: &Store,
+    reference: &str,
+    mountpoint: &Path,
+    options: &MountOptions,
+    ready: impl FnOnce(),
+) -> Result<(), MountError> {
+    let mountpoint = canonical_dir(mountpoint)?;
+    let cache = Arc::new(SpanCache::new(options.cache_bytes));
+    let (image, fs) = open_image(store, reference, cache)?;
+    let fuse_err = |action, source| MountError::Fuse { action, path: mountpoint.clone(), source };
+    let session = fuser::Session::new(fs, &mountpoint, &fuse_config(reference, options.threads))
+        .map_err(|e| fuse_err("mounting at", e))?;
+    let background = session.spawn().map_err(|e| fuse_err("serving", e))?;
+    let record = MountRecord {
+        mountpoint: mountpoint.clone(),
+        reference: image.reference.clone().unwrap_or_else(|| reference.to_string()),
+        image_id: image.config_digest.clone(),
+        pid: std::process::id(),
+        read_only: true,
+    };
+    store.add_mount(&record)?;
+    unmount_on_signal(mountpoint.clone());
+    ready();
+    let result = background.join().map_err(|e| fuse_err("serving", e));
+    store.remove_mount(&mountpoint)?;
+    result
+}
+
+/// A thread that detaches the mount on a termination signal, which ends the
+/// session loop and lets `serve` clean up.
+fn unmount_on_signal(mountpoint: PathBuf) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if signals.forever().next().is_some() {
+                    let _ = unmount(&mountpoint, UnmountFlags::DETACH);
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot handle termination signals: {e}"),
+    }
+}
+
+fn canonical_dir(path: &Path) -> Result<PathBuf, MountError> {
+    let bad = |reason: String| MountError::Mountpoint { path: path.to_path_buf(), reason };
+    let canonical = path.canonicalize().map_err(|e| bad(e.to_string()))?;
+    if !canonical.is_dir() {
+        return Err(bad("not a directory".into()));
+    }
+    Ok(canonical)
+}
+
+/// Unmounts an rmount mount: a plain unmount, a lazy detach when it is busy
+/// (or at once with `force`), then waits for the serving process to exit.
+pub fn unmount_image(store: &Store, mountpoint: &Path, force: bool) -> Result<(), MountError> {
+    let mountpoint = canonical_dir(mountpoint)?;
+    let record = store.mount_at(&mountpoint)?;
+    if record.is_none() && !is_rmount_mount(&mountpoint) {
+        return Err(MountError::Mountpoint {
+            path: mountpoint,
+            reason: "not mounted by rmount (see /proc/self/mountinfo)".into(),
+        });
+    }
+    let fuse_err = |source: rustix::io::Errno| MountError::Fuse {
+        action: "unmounting",
+        path: mountpoint.clone(),
+        source: source.into(),
+    };
+    let flags =
+        if force { UnmountFlags::FORCE | UnmountFlags::DETACH } else { UnmountFlags::empty() };
+    match unmount(&mountpoint, flags) {
+        Err(rustix::io::Errno::BUSY) => {
+            tracing::warn!("{} is busy; detaching it lazily", mountpoint.display());
+            unmount(&mountpoint, UnmountFlags::DETACH).map_err(fuse_err)?;
+        }
+        other => other.map_err(fuse_err)?,
+    }
+    if let Some(record) = record {
+        wait_for_exit(record.pid, Duration::from_secs(10));
+        store.remove_mount(&mountpoint)?;
+    }
+    Ok(())
+}
+
+fn wait_for_exit(pid: u32, limit: Duration) {
+    let start = Instant::now();
+    let alive = || {
+        i32::try_from(pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
+    };
+    while alive() && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Is `mountpoint` a FUSE mount of subtype rmount (per /proc/self/mountinfo)?
+fn is_rmount_mount(mountpoint: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
+    let target = mountpoint.to_string_lossy();
+    info.lines().any(|line| {
+        let fields: Vec<&str> = line.split(' ').collect();
+        fields.get(4) == Some(&&*target) && line.contains(" - fuse.rmount ")
+    })
+}

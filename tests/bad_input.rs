@@ -56,7 +56,11 @@ fn mount_fails(tar: Vec<u8>, blob: Vec<u8>, key: &str) {
     let tmp = tempdir();
     let root = tmp.path().join("state");
     let layout = tmp.path().join("layout");
-    write_oci_layout(&layout, "bad:test", &[(blob, "application/vnd.oci.image.layer.v1.tar+gzip", tar)]);
+    write_oci_layout(
+        &layout,
+        "bad:test",
+        &[(blob, "application/vnd.oci.image.layer.v1.tar+gzip", tar)],
+    );
     rmount_ok(&root, &["load", "-i", layout.to_str().unwrap()]);
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&mnt).unwrap();
@@ -71,7 +75,10 @@ fn truncated_gzip_layer() {
     if !require_root_fuse(&[]) {
         return;
     }
-    let tar = layer_tar(&[(Item::File { path: "big".into(), mode: 0o644, data: pseudo_random(1 << 20, 9) }, Meta::default())]);
+    let tar = layer_tar(&[(
+        Item::File { path: "big".into(), mode: 0o644, data: pseudo_random(1 << 20, 9) },
+        Meta::default(),
+    )]);
     let (gz, _) = compress(&tar, Compress::Gzip);
     mount_fails(tar, gz[..gz.len() / 2].to_vec(), "truncated");
 }
@@ -92,7 +99,10 @@ fn hardlink_to_missing_target() {
     if !require_root_fuse(&[]) {
         return;
     }
-    let tar = layer_tar(&[(Item::Hardlink { path: "link".into(), target: "nowhere".into() }, Meta::default())]);
+    let tar = layer_tar(&[(
+        Item::Hardlink { path: "link".into(), target: "nowhere".into() },
+        Meta::default(),
+    )]);
     mount_fails(tar.clone(), tar, "nowhere");
 }
 
@@ -102,7 +112,11 @@ fn blob_with_wrong_digest_is_not_loaded() {
     let root = tmp.path().join("state");
     let layout = tmp.path().join("layout");
     let tar = good_tar();
-    write_oci_layout(&layout, "bad:digest", &[(tar.clone(), "application/vnd.oci.image.layer.v1.tar", tar.clone())]);
+    write_oci_layout(
+        &layout,
+        "bad:digest",
+        &[(tar.clone(), "application/vnd.oci.image.layer.v1.tar", tar.clone())],
+    );
     let blob = layout.join("blobs/sha256").join(sha256_hex(&tar));
     std::fs::write(&blob, b"tampered").unwrap();
     assert_clean_failure(&rmount(&root, &["load", "-i", layout.to_str().unwrap()]), "digest");
@@ -116,7 +130,11 @@ fn manifest_pointing_at_missing_blob_is_not_loaded() {
     let root = tmp.path().join("state");
     let layout = tmp.path().join("layout");
     let tar = good_tar();
-    write_oci_layout(&layout, "bad:missing", &[(tar.clone(), "application/vnd.oci.image.layer.v1.tar", tar.clone())]);
+    write_oci_layout(
+        &layout,
+        "bad:missing",
+        &[(tar.clone(), "application/vnd.oci.image.layer.v1.tar", tar.clone())],
+    );
     std::fs::remove_file(layout.join("blobs/sha256").join(sha256_hex(&tar))).unwrap();
     assert_clean_failure(&rmount(&root, &["load", "-i", layout.to_str().unwrap()]), "missing");
     refs_point_at_present_blobs(&root);

@@ -34,6 +34,8 @@ pub fn mount(root: &Path, args: &MountArgs) -> Result<()> {
 /// Starts `rmount mount --foreground` as a detached child and waits until it
 /// reports the mount ready, or fails with the child's error.
 fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
+    // Fail fast, with the store's own message, on an unknown image.
+    store.resolve(&args.reference)?;
     let mountpoint = args
         .mountpoint
         .canonicalize()

@@ -54,7 +54,8 @@ impl Store {
     /// `name@sha256:…`, an image id (`sha256:…`) or a unique id prefix.
     pub fn resolve(&self, reference: &str) -> Result<Image, StoreError> {
         let refs = self.refs()?;
-        if let Ok(parsed) = reference.parse::<Reference>() {
+        let parsed = reference.parse::<Reference>();
+        if let Ok(parsed) = &parsed {
             if let Some(digest) = &parsed.digest {
                 let entry = refs.iter().find(|r| &r.manifest == digest);
                 let media_type = entry.map(|e| e.media_type.clone()).unwrap_or_default();
@@ -81,7 +82,10 @@ impl Store {
                 return Ok(image);
             }
         }
-        Err(StoreError::NotFound(reference.to_string()))
+        match parsed {
+            Err(e) => Err(e.into()),
+            Ok(_) => Err(StoreError::NotFound(reference.to_string())),
+        }
     }
 
     /// Every stored image, one per `index.json` entry.

@@ -242,3 +242,52 @@ fn later_duplicate_wins() {
     assert_eq!(entries.len(), 1);
     assert!(matches!(entries[0].kind, EntryKind::File { size: 5, .. }));
 }
+
+mod random_reads {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::OnceLock;
+
+    /// One gzip and one zstd layer over the same 12 MiB file, built once.
+    /// (The temp dirs go away at once: the readers keep their blobs open.)
+    fn fixtures() -> &'static (Vec<u8>, Vec<(LayerReader, u64)>) {
+        static FIXTURES: OnceLock<(Vec<u8>, Vec<(LayerReader, u64)>)> = OnceLock::new();
+        FIXTURES.get_or_init(|| {
+            let big = big_data(12 << 20);
+            let tar = sample_tar(&big);
+            let readers = [gzip(&tar), zstd_frames(&tar, 5 << 20)]
+                .iter()
+                .map(|blob| {
+                    let opened = open(blob).unwrap();
+                    let offset = opened
+                        .reader
+                        .index()
+                        .entries
+                        .iter()
+                        .find_map(|e| match (&*e.path, &e.kind) {
+                            ("big.bin", EntryKind::File { offset, .. }) => Some(*offset),
+                            _ => None,
+                        })
+                        .unwrap();
+                    (opened.reader, offset)
+                })
+                .collect();
+            (big, readers)
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        #[test]
+        fn any_range_reads_the_original_bytes(start in 0usize..(12 << 20), len in 0usize..(9 << 20)) {
+            let (big, readers) = fixtures();
+            let len = len.min(big.len() - start);
+            for (reader, offset) in readers {
+                let mut buf = vec![0; len];
+                let n = reader.read_at(offset + start as u64, &mut buf).unwrap();
+                prop_assert_eq!(n, len);
+                prop_assert!(buf == big[start..start + len]);
+            }
+        }
+    }
+}

@@ -248,10 +248,13 @@ mod random_reads {
     use proptest::prelude::*;
     use std::sync::OnceLock;
 
+    /// The original bytes, and readers of layers holding them at an offset.
+    type Fixtures = (Vec<u8>, Vec<(LayerReader, u64)>);
+
     /// One gzip and one zstd layer over the same 12 MiB file, built once.
     /// (The temp dirs go away at once: the readers keep their blobs open.)
-    fn fixtures() -> &'static (Vec<u8>, Vec<(LayerReader, u64)>) {
-        static FIXTURES: OnceLock<(Vec<u8>, Vec<(LayerReader, u64)>)> = OnceLock::new();
+    fn fixtures() -> &'static Fixtures {
+        static FIXTURES: OnceLock<Fixtures> = OnceLock::new();
         FIXTURES.get_or_init(|| {
             let big = big_data(12 << 20);
             let tar = sample_tar(&big);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End to end on a fresh machine: install packages, build rmount, build a
-# Debian image with mmdebstrap + umoci (cached), load it, mount it, look
-# inside, unmount. Needs root.
+# Debian image with mmdebstrap + umoci (once, cached by scripts/make-images.sh),
+# load it, mount it, look inside, unmount. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -9,26 +9,7 @@ scripts/setup.sh
 cargo build --release --locked
 RMOUNT=$PWD/target/release/rmount
 
-CACHE=${RMOUNT_DEMO_CACHE:-/var/cache/rmount-demo}
-LAYOUT=$CACHE/debian
-if [[ ! -f $LAYOUT/index.json ]]; then
-  echo "== building a Debian bookworm image (once; cached in $CACHE)"
-  rm -rf "$CACHE/work" && mkdir -p "$CACHE/work"
-  mmdebstrap --variant=minbase --quiet bookworm "$CACHE/work/rootfs.tar"
-  umoci init --layout "$CACHE/work/debian"
-  umoci new --image "$CACHE/work/debian:base"
-  umoci unpack --image "$CACHE/work/debian:base" "$CACHE/work/b1"
-  tar -xf "$CACHE/work/rootfs.tar" -C "$CACHE/work/b1/rootfs"
-  umoci repack --image "$CACHE/work/debian:base" "$CACHE/work/b1"
-  # A second layer that deletes and replaces, so the image carries whiteouts.
-  umoci unpack --image "$CACHE/work/debian:base" "$CACHE/work/b2"
-  rm -rf "$CACHE/work/b2/rootfs/usr/share/doc" "$CACHE/work/b2/rootfs/etc/motd"
-  echo "Welcome to an image mounted by rmount." > "$CACHE/work/b2/rootfs/etc/motd"
-  umoci repack --image "$CACHE/work/debian:demo" "$CACHE/work/b2"
-  umoci config --image "$CACHE/work/debian:demo" --config.cmd /bin/bash
-  mv "$CACHE/work/debian" "$LAYOUT"
-  rm -rf "$CACHE/work"
-fi
+LAYOUT=$(scripts/make-images.sh debian)
 
 echo "== rmount load -i $LAYOUT"
 "$RMOUNT" load -i "$LAYOUT"

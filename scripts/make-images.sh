@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Builds the images the demo and the benchmarks use, once, as OCI layouts
+# under $RMOUNT_IMAGE_CACHE (default /var/cache/rmount-images):
+#   debian     bookworm minbase (mmdebstrap) + a layer that deletes and
+#              replaces files, so it carries whiteouts   (tag: demo)
+#   synthetic  50,000 small files in 500 dirs + a 1 GiB file, one gzip layer (tag: bench)
+# Usage: scripts/make-images.sh debian|synthetic   (prints the layout path)
+set -euo pipefail
+CACHE=${RMOUNT_IMAGE_CACHE:-/var/cache/rmount-images}
+mkdir -p "$CACHE"
+
+debian() {
+  local out=$CACHE/debian work=$CACHE/work-debian
+  [[ -f $out/index.json ]] && return
+  rm -rf "$work" && mkdir -p "$work"
+  mmdebstrap --variant=minbase --quiet bookworm "$work/rootfs.tar" >&2
+  umoci init --layout "$work/debian"
+  umoci new --image "$work/debian:base"
+  umoci unpack --image "$work/debian:base" "$work/b1"
+  tar -xf "$work/rootfs.tar" -C "$work/b1/rootfs"
+  umoci repack --image "$work/debian:base" "$work/b1"
+  umoci unpack --image "$work/debian:base" "$work/b2"
+  rm -rf "$work/b2/rootfs/usr/share/doc" "$work/b2/rootfs/etc/motd"
+  echo "Welcome to an image mounted by rmount." > "$work/b2/rootfs/etc/motd"
+  umoci repack --image "$work/debian:demo" "$work/b2"
+  umoci config --image "$work/debian:demo" --config.cmd /bin/bash
+  mv "$work/debian" "$out"
+  rm -rf "$work"
+}
+
+synthetic() {
+  local out=$CACHE/synthetic work=$CACHE/work-synthetic
+  [[ -f $out/index.json ]] && return
+  rm -rf "$work" && mkdir -p "$work"
+  umoci init --layout "$work/synthetic"
+  umoci new --image "$work/synthetic:bench"
+  umoci unpack --image "$work/synthetic:bench" "$work/b"
+  python3 - "$work/b/rootfs" <<'PY'
+import os, random, sys
+root = sys.argv[1]
+rng = random.Random(42)
+words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"\n", b"epsilon "]
+for d in range(500):
+    path = os.path.join(root, "tree", f"d{d:03}")
+    os.makedirs(path)
+    for f in range(100):
+        size = rng.randrange(0, 8192)
+        data = b"".join(rng.choice(words) for _ in range(size // 5 + 1))[:size]
+        with open(os.path.join(path, f"f{f:03}"), "wb") as fh:
+            fh.write(data)
+block = b"".join(rng.choice(words) + rng.randbytes(2) for _ in range(200_000))
+with open(os.path.join(root, "big.bin"), "wb") as fh:
+    written = 0
+    while written < 1 << 30:
+        chunk = block[: (1 << 30) - written]
+        fh.write(chunk)
+        written += len(chunk)
+PY
+  umoci repack --image "$work/synthetic:bench" "$work/b"
+  mv "$work/synthetic" "$out"
+  rm -rf "$work"
+}
+
+case "${1:-}" in
+  debian | synthetic) "$1"; echo "$CACHE/$1" ;;
+  *) echo "usage: $0 debian|synthetic" >&2; exit 2 ;;
+esac

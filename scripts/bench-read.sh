@@ -63,7 +63,9 @@ PY
     lowers="$dir${lowers:+:$lowers}"
     i=$((i + 1))
   done
-  echo "$lowers"
+  # overlayfs needs two lowerdirs without an upperdir: add an empty bottom one.
+  mkdir -p "$out/empty"
+  echo "$lowers:$out/empty"
 }
 
 bench_image() { # label layout tag has-big-file

@@ -67,6 +67,10 @@ pub struct ImageFs {
     tree: UnionTree,
     /// Parallel to the tree's layer stack.
     readers: Vec<LayerReader>,
+    /// Some entry of some layer has an xattr. When none does, xattr requests
+    /// are answered `ENOSYS`, after which the kernel stops sending them: `ls
+    /// -l` asks for two xattrs of every file it lists.
+    has_xattrs: bool,
 }
 
 fn time(secs: i64) -> SystemTime {
@@ -80,7 +84,9 @@ fn time(secs: i64) -> SystemTime {
 impl ImageFs {
     /// Serves `tree` with one reader per layer of its stack (same order).
     pub fn new(tree: UnionTree, readers: Vec<LayerReader>) -> Self {
-        Self { tree, readers }
+        let has_xattrs =
+            tree.layers().iter().any(|l| l.entries.iter().any(|e| !e.xattrs.is_empty()));
+        Self { tree, readers, has_xattrs }
     }
 
     /// The union tree.
@@ -220,6 +226,24 @@ fn reply_xattr(value: Result<&[u8], FsError>, size: u32, reply: ReplyXattr) {
 }
 
 impl fuser::Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
+        use fuser::InitFlags as F;
+        // Attributes with directory listings (one round trip per batch, not
+        // a lookup per name), cached symlinks, concurrent lookups in one dir.
+        for flag in [
+            F::FUSE_DO_READDIRPLUS,
+            F::FUSE_READDIRPLUS_AUTO,
+            F::FUSE_CACHE_SYMLINKS,
+            F::FUSE_PARALLEL_DIROPS,
+        ] {
+            if config.add_capabilities(flag).is_err() {
+                tracing::debug!("kernel lacks {flag:?}");
+            }
+        }
+        let _ = config.set_max_readahead(4 << 20);
+        Ok(())
+    }
+
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.lookup(parent.0, name) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -270,7 +294,8 @@ impl fuser::Filesystem for ImageFs {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.node(ino.0) {
-            Ok(n) if n.is_dir => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR),
+            Ok(n) if n.is_dir => reply
+                .opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
             Ok(_) => reply.error(FsError::NotDir.errno()),
             Err(e) => reply.error(e.errno()),
         }
@@ -325,10 +350,16 @@ impl fuser::Filesystem for ImageFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         reply_xattr(self.xattr(ino.0, name), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        if !self.has_xattrs {
+            return reply.error(Errno::ENOSYS);
+        }
         let names = self.xattr_names(ino.0);
         reply_xattr(
             names.as_ref().map(|n| n.as_slice()).map_err(|_| FsError::NotFound),

@@ -23,7 +23,9 @@ pub struct SpanKey {
 }
 
 /// A decompressed span, shared by the cache and its readers.
-pub type SpanData = Arc<[u8]>;
+/// (An `Arc<Vec>` rather than `Arc<[u8]>`: wrapping the decoder's buffer
+/// must not copy 4 MiB.)
+pub type SpanData = Arc<Vec<u8>>;
 
 struct Inner {
     lru: LruCache<SpanKey, SpanData>,
@@ -134,7 +136,7 @@ mod tests {
     }
 
     fn data(len: usize) -> SpanData {
-        vec![7u8; len].into()
+        Arc::new(vec![7u8; len])
     }
 
     #[test]

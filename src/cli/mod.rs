@@ -151,9 +151,18 @@ pub struct MountArgs {
     /// Mountpoint (an existing directory).
     #[arg(value_name = "DIR")]
     pub mountpoint: PathBuf,
-    /// Mount read-only.
-    #[arg(long)]
+    /// Mount read-only (no upper layer).
+    #[arg(long, conflicts_with_all = ["upper", "work"])]
     pub read_only: bool,
+    /// Directory for the changes (the overlayfs `upperdir`); remounting with
+    /// the same one continues where it left off.
+    /// [default: ROOT/containers/<mountpoint key>/upper]
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// Scratch directory on the same filesystem as --upper (the overlayfs
+    /// `workdir`). [default: a sibling of the upper dir named `<name>.work`]
+    #[arg(long, value_name = "DIR", requires = "upper")]
+    pub work: Option<PathBuf>,
     /// Serve the mount in this process until it is unmounted.
     #[arg(long)]
     pub foreground: bool,
@@ -171,6 +180,9 @@ pub struct UmountArgs {
     /// Force the unmount even if the filesystem is busy.
     #[arg(short, long)]
     pub force: bool,
+    /// Delete the mount's upper layer (its changes) after unmounting.
+    #[arg(long)]
+    pub discard: bool,
 }
 
 const SUBCOMMANDS: &[&str] = &[

@@ -2,12 +2,13 @@
 //! `--foreground`) and umount.
 
 use super::{MountArgs, UmountArgs};
-use crate::fs::{serve, unmount_image, MountOptions};
+use crate::fs::{serve, unmount_image, MountOptions, UpperDirs};
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Set in the serving child: print `ready` on stdout once the mount works.
@@ -16,7 +17,20 @@ const NOTIFY_ENV: &str = "RMOUNT_NOTIFY_READY";
 pub fn mount(root: &Path, args: &MountArgs) -> Result<()> {
     let store = Store::open(root)?;
     if args.foreground {
-        let options = MountOptions { cache_bytes: args.cache_mem << 20, threads: 4 };
+        let upper = match (&args.upper, args.read_only) {
+            (_, true) => None,
+            (Some(upper), false) => Some(UpperDirs {
+                upper: upper.clone(),
+                work: args.work.clone().unwrap_or_else(|| sibling_work_dir(upper)),
+            }),
+            (None, false) => {
+                let image = store.resolve(&args.reference)?;
+                let mountpoint = args.mountpoint.canonicalize()?;
+                let (upper, work) = store.claim_default_upper(&mountpoint, &image.config_digest)?;
+                Some(UpperDirs { upper, work })
+            }
+        };
+        let options = MountOptions { cache_bytes: args.cache_mem << 20, threads: 4, upper };
         let notify = std::env::var_os(NOTIFY_ENV).is_some();
         return serve(&store, &args.reference, &args.mountpoint, &options, || {
             if notify {
@@ -56,6 +70,9 @@ fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
         .arg("--foreground")
         .arg("--cache-mem")
         .arg(args.cache_mem.to_string())
+        .args(args.read_only.then_some("--read-only"))
+        .args(args.upper.iter().flat_map(|u| [OsStr::new("--upper"), u.as_os_str()]))
+        .args(args.work.iter().flat_map(|w| [OsStr::new("--work"), w.as_os_str()]))
         .env(NOTIFY_ENV, "1")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -79,6 +96,14 @@ fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
 
 pub fn umount(root: &Path, args: &UmountArgs) -> Result<()> {
     let store = Store::open(root)?;
-    unmount_image(&store, &args.mountpoint, args.force)
+    unmount_image(&store, &args.mountpoint, args.force, args.discard)
         .with_context(|| format!("unmounting {}", args.mountpoint.display()))
+}
+
+/// The default work directory for `--upper DIR`: `DIR.work` beside it, on
+/// the same filesystem as overlayfs requires.
+fn sibling_work_dir(upper: &Path) -> PathBuf {
+    let mut name = upper.file_name().unwrap_or_default().to_owned();
+    name.push(".work");
+    upper.with_file_name(name)
 }

@@ -3,12 +3,13 @@
 //! The tree is immutable, so attributes and entries get long TTLs and file
 //! pages stay in the kernel's cache across opens (`FOPEN_KEEP_CACHE`).
 
+use super::error::FsError;
 use super::union::{Node, UnionTree};
-use crate::layer::{Entry, EntryKind, LayerError, LayerReader};
+use crate::layer::{Entry, EntryKind, LayerReader};
 use fuser::{
-    AccessFlags, Errno, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr, Request,
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Generation, INodeNo, OpenFlags, ReplyAttr,
+    ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
@@ -17,50 +18,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 /// How long the kernel may cache attributes and lookups: the tree never changes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 const BLOCK: u32 = 4096;
-
-/// Why a filesystem request failed; each maps to one errno.
-#[derive(Debug, thiserror::Error)]
-pub enum FsError {
-    /// No such inode or name.
-    #[error("no such file or directory")]
-    NotFound,
-    /// The inode is not a directory.
-    #[error("not a directory")]
-    NotDir,
-    /// The inode is not a symlink / not a regular file.
-    #[error("invalid argument")]
-    Invalid,
-    /// No such extended attribute.
-    #[error("no such attribute")]
-    NoAttr,
-    /// The caller's buffer is too small.
-    #[error("buffer too small")]
-    Range,
-    /// A write on the read-only mount.
-    #[error("read-only file system")]
-    ReadOnly,
-    /// Reading layer data failed.
-    #[error(transparent)]
-    Layer(#[from] LayerError),
-}
-
-impl FsError {
-    /// The errno the kernel gets.
-    pub fn errno(&self) -> Errno {
-        match self {
-            FsError::NotFound => Errno::ENOENT,
-            FsError::NotDir => Errno::ENOTDIR,
-            FsError::Invalid => Errno::EINVAL,
-            FsError::NoAttr => Errno::NO_XATTR,
-            FsError::Range => Errno::ERANGE,
-            FsError::ReadOnly => Errno::EROFS,
-            FsError::Layer(e) => {
-                tracing::error!("{e}");
-                Errno::EIO
-            }
-        }
-    }
-}
 
 /// A mounted image: the union tree and a reader per layer.
 pub struct ImageFs {
@@ -265,14 +222,12 @@ impl fuser::Filesystem for ImageFs {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if flags.acc_mode() != OpenAccMode::O_RDONLY {
-            return reply.error(FsError::ReadOnly.errno());
-        }
-        match self.node(ino.0) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e.errno()),
-        }
+    // No open/opendir/release round trips at all: answering `ENOSYS` once
+    // makes the kernel stop sending them and treat every open as
+    // `FOPEN_KEEP_CACHE` (dirs also `FOPEN_CACHE_DIR`). The mount is `ro`, so
+    // the kernel itself refuses opens for writing with `EROFS`.
+    fn open(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn read(
@@ -292,13 +247,8 @@ impl fuser::Filesystem for ImageFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.node(ino.0) {
-            Ok(n) if n.is_dir => reply
-                .opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE),
-            Ok(_) => reply.error(FsError::NotDir.errno()),
-            Err(e) => reply.error(e.errno()),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(

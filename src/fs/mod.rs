@@ -1,9 +1,15 @@
-//! The union tree of a layer stack, the FUSE adapter and mount/umount.
+//! The union tree of a layer stack, the writable overlay on top of it, the
+//! FUSE adapters and mount/umount.
 
+pub mod error;
 pub mod fuse;
 pub mod mount;
+pub mod overlay;
 pub mod union;
+pub mod writable;
 
-pub use fuse::{FsError, ImageFs};
+pub use error::FsError;
+pub use fuse::ImageFs;
 pub use mount::{open_image, serve, unmount_image, MountError, MountOptions};
+pub use overlay::{Overlay, UpperDirs};
 pub use union::{EntryRef, Node, UnionTree, ROOT_INO};

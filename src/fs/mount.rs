@@ -2,7 +2,8 @@
 //! without a persisted index), building the union tree, serving it over
 //! FUSE, and recording the mount so `rmi` and `df` see it.
 
-use super::{ImageFs, UnionTree};
+use super::writable::WritableFs;
+use super::{FsError, ImageFs, Overlay, UnionTree, UpperDirs};
 use crate::cache::SpanCache;
 use crate::layer::{LayerError, LayerReader};
 use crate::store::{MountRecord, Store, StoreError};
@@ -21,6 +22,14 @@ pub enum MountError {
     /// A layer could not be indexed or opened.
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// The upper directory is unusable.
+    #[error("upper directory {path}: {source}")]
+    Upper {
+        /// The upper directory.
+        path: PathBuf,
+        /// The cause.
+        source: FsError,
+    },
     /// The mountpoint is unusable.
     #[error("mountpoint {path}: {reason}")]
     Mountpoint {
@@ -48,6 +57,8 @@ pub struct MountOptions {
     pub cache_bytes: u64,
     /// FUSE worker threads.
     pub threads: usize,
+    /// Where changes go; `None` mounts read-only.
+    pub upper: Option<UpperDirs>,
 }
 
 /// Opens every layer of `reference`'s image (in parallel) and merges them.
@@ -79,11 +90,11 @@ pub fn open_image(
     Ok((image, ImageFs::new(tree, readers)))
 }
 
-fn fuse_config(reference: &str, threads: usize) -> Config {
+fn fuse_config(reference: &str, threads: usize, read_only: bool) -> Config {
     let root = rustix::process::geteuid().is_root();
     let mut config = Config::default();
     config.mount_options = vec![
-        MountOption::RO,
+        if read_only { MountOption::RO } else { MountOption::RW },
         MountOption::FSName(format!("rmount:{reference}")),
         MountOption::Subtype("rmount".into()),
         MountOption::Suid,
@@ -107,18 +118,35 @@ pub fn serve(
     ready: impl FnOnce(),
 ) -> Result<(), MountError> {
     let mountpoint = canonical_dir(mountpoint)?;
+    crate::sys::malloc::return_large_buffers_to_the_os();
     let cache = Arc::new(SpanCache::new(options.cache_bytes));
     let (image, fs) = open_image(store, reference, cache)?;
     let fuse_err = |action, source| MountError::Fuse { action, path: mountpoint.clone(), source };
-    let session = fuser::Session::new(fs, &mountpoint, &fuse_config(reference, options.threads))
-        .map_err(|e| fuse_err("mounting at", e))?;
-    let background = session.spawn().map_err(|e| fuse_err("serving", e))?;
+    let config = fuse_config(reference, options.threads, options.upper.is_none());
+    let mount_err = |e| fuse_err("mounting at", e);
+    let serve_err = |e| fuse_err("serving", e);
+    let background = match &options.upper {
+        None => fuser::Session::new(fs, &mountpoint, &config).map_err(mount_err)?.spawn(),
+        Some(dirs) => {
+            // Modes arrive already masked by the caller's umask; ours must
+            // not mask them again.
+            rustix::process::umask(rustix::fs::Mode::empty());
+            let overlay = Overlay::new(fs, dirs)
+                .map_err(|source| MountError::Upper { path: dirs.upper.clone(), source })?;
+            fuser::Session::new(WritableFs(overlay), &mountpoint, &config)
+                .map_err(mount_err)?
+                .spawn()
+        }
+    }
+    .map_err(serve_err)?;
     let record = MountRecord {
         mountpoint: mountpoint.clone(),
         reference: image.reference.clone().unwrap_or_else(|| reference.to_string()),
         image_id: image.config_digest.clone(),
         pid: std::process::id(),
-        read_only: true,
+        read_only: options.upper.is_none(),
+        upper: options.upper.as_ref().map(|d| d.upper.clone()),
+        work: options.upper.as_ref().map(|d| d.work.clone()),
     };
     store.add_mount(&record)?;
     unmount_on_signal(mountpoint.clone());
@@ -155,7 +183,13 @@ fn canonical_dir(path: &Path) -> Result<PathBuf, MountError> {
 
 /// Unmounts an rmount mount: a plain unmount, a lazy detach when it is busy
 /// (or at once with `force`), then waits for the serving process to exit.
-pub fn unmount_image(store: &Store, mountpoint: &Path, force: bool) -> Result<(), MountError> {
+/// With `discard`, the mount's upper and work directories are deleted.
+pub fn unmount_image(
+    store: &Store,
+    mountpoint: &Path,
+    force: bool,
+    discard: bool,
+) -> Result<(), MountError> {
     let mountpoint = canonical_dir(mountpoint)?;
     let record = store.mount_at(&mountpoint)?;
     if record.is_none() && !is_rmount_mount(&mountpoint) {
@@ -178,9 +212,24 @@ pub fn unmount_image(store: &Store, mountpoint: &Path, force: bool) -> Result<()
         }
         other => other.map_err(fuse_err)?,
     }
-    if let Some(record) = record {
+    if let Some(record) = &record {
         wait_for_exit(record.pid, Duration::from_secs(10));
         store.remove_mount(&mountpoint)?;
+    }
+    if discard {
+        let (upper, work) =
+            match record.as_ref().and_then(|r| Some((r.upper.clone()?, r.work.clone()?))) {
+                Some(dirs) => dirs,
+                None => store.default_upper(&mountpoint),
+            };
+        for dir in [upper, work] {
+            match std::fs::remove_dir_all(&dir) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(MountError::Fuse { action: "discarding", path: dir, source: e })
+                }
+                _ => {}
+            }
+        }
     }
     Ok(())
 }

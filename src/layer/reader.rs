@@ -124,7 +124,7 @@ impl LayerReader {
                 AccessMap::Gzip(map) => self.decode_gzip(map, i)?,
                 AccessMap::Zstd(map) => self.decode_zstd(map, i)?,
             };
-            Ok(data.into())
+            Ok(Arc::new(data))
         })
     }
 
@@ -138,7 +138,7 @@ impl LayerReader {
             if i == target {
                 wanted = Some(data);
             } else {
-                self.cache.insert(self.key(i), data.into());
+                self.cache.insert(self.key(i), Arc::new(data));
             }
         })
         .map_err(|e| self.error(e))?;

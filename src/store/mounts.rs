@@ -21,6 +21,12 @@ pub struct MountRecord {
     pub pid: u32,
     /// Mounted read-only.
     pub read_only: bool,
+    /// The upper (changes) directory of a writable mount.
+    #[serde(default)]
+    pub upper: Option<PathBuf>,
+    /// Its work directory.
+    #[serde(default)]
+    pub work: Option<PathBuf>,
 }
 
 impl Store {
@@ -29,8 +35,46 @@ impl Store {
     }
 
     fn record_path(&self, mountpoint: &Path) -> PathBuf {
+        self.mounts_dir().join(format!("{}.json", Self::key(mountpoint)))
+    }
+
+    fn key(mountpoint: &Path) -> String {
         let key = Digest::of(mountpoint.as_os_str().as_encoded_bytes());
-        self.mounts_dir().join(format!("{}.json", &key.hex()[..16]))
+        key.hex()[..16].to_string()
+    }
+
+    /// The upper and work directories a writable mount at `mountpoint`
+    /// gets unless told otherwise: `ROOT/containers/<key>/{upper,work}`.
+    pub fn default_upper(&self, mountpoint: &Path) -> (PathBuf, PathBuf) {
+        let dir = self.root().join("containers").join(Self::key(mountpoint));
+        (dir.join("upper"), dir.join("work"))
+    }
+
+    /// The default upper of `mountpoint` for `image`: refuses when it holds
+    /// changes made on another image, else records that it is `image`'s.
+    pub fn claim_default_upper(
+        &self,
+        mountpoint: &Path,
+        image: &Digest,
+    ) -> Result<(PathBuf, PathBuf), StoreError> {
+        let (upper, work) = self.default_upper(mountpoint);
+        let owner = upper.with_file_name("image");
+        if let Ok(previous) = std::fs::read_to_string(&owner) {
+            let has_changes = std::fs::read_dir(&upper).is_ok_and(|mut d| d.next().is_some());
+            if previous.trim() != image.to_string() && has_changes {
+                return Err(StoreError::Invalid {
+                    what: format!("the changes at {}", upper.display()),
+                    reason: format!(
+                        "they were made on image {}; unmount with --discard to drop them, \
+                         or mount with --upper DIR",
+                        previous.trim()
+                    ),
+                });
+            }
+        }
+        std::fs::create_dir_all(&upper).map_err(io_err(&upper))?;
+        write_atomic(&owner, image.to_string().as_bytes()).map_err(io_err(&owner))?;
+        Ok((upper, work))
     }
 
     /// Where the serving process of `mountpoint` writes its log.

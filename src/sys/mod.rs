@@ -3,3 +3,5 @@
 #![allow(unsafe_code)]
 
 pub mod inflate;
+pub mod malloc;
+pub mod upper;

@@ -1,0 +1,304 @@
+//! Open files and attribute changes: opening for writing copies a file up
+//! (data and all, or nothing but metadata with `O_TRUNC`); metadata changes
+//! copy up metadata only; data moves through handles, outside the
+//! namespace lock.
+
+use super::copy_up::Content;
+use super::{attr_of, Overlay, Upper};
+use crate::fs::error::FsError;
+use crate::fs::ImageFs;
+use crate::sys::upper::SetTime;
+use fuser::FileAttr;
+use rustix::fs::{OFlags, XattrFlags};
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// What an open file handle reads from and writes to.
+#[derive(Debug, Clone)]
+pub enum Handle {
+    /// The upper file, opened with the caller's access mode.
+    Upper(Arc<File>),
+    /// A lower (or metacopy) file opened read-only: reads come from this
+    /// lower inode.
+    Lower(u64),
+}
+
+/// Open handles by number, with the inode each belongs to.
+#[derive(Default)]
+pub(super) struct Handles {
+    open: Mutex<HashMap<u64, (u64, Handle)>>,
+    next: AtomicU64,
+}
+
+impl Handles {
+    pub fn add(&self, ino: u64, handle: Handle) -> u64 {
+        let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        self.lock().insert(fh, (ino, handle));
+        fh
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, Handle)>> {
+        self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn get(&self, fh: u64) -> Result<Handle, FsError> {
+        self.lock().get(&fh).map(|(_, h)| h.clone()).ok_or(FsError::Invalid)
+    }
+
+    fn remove(&self, fh: u64) {
+        self.lock().remove(&fh);
+    }
+
+    /// `stat` through an open handle of `ino` (`fh` first), for a file
+    /// that has no name left.
+    pub fn attr_of_open(
+        &self,
+        ino: u64,
+        fh: Option<u64>,
+        lower: &ImageFs,
+    ) -> Result<FileAttr, FsError> {
+        let handle = {
+            let open = self.lock();
+            let by_fh = fh.and_then(|fh| open.get(&fh)).filter(|(i, _)| *i == ino);
+            let any = || open.values().find(|(i, _)| *i == ino);
+            by_fh.or_else(any).map(|(_, h)| h.clone())
+        };
+        let mut attr = match handle.ok_or(FsError::NotFound)? {
+            Handle::Upper(file) => attr_of(&rustix::fs::fstat(&*file)?, ino),
+            Handle::Lower(lower_ino) => lower.attr(lower_ino)?,
+        };
+        attr.ino = fuser::INodeNo(ino);
+        attr.nlink = 0;
+        Ok(attr)
+    }
+}
+
+/// Changes `setattr` asks for.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SetAttr {
+    /// New permission bits.
+    pub mode: Option<u32>,
+    /// New owner.
+    pub uid: Option<u32>,
+    /// New group.
+    pub gid: Option<u32>,
+    /// New size.
+    pub size: Option<u64>,
+    /// New access time.
+    pub atime: Option<SetTime>,
+    /// New modification time.
+    pub mtime: Option<SetTime>,
+}
+
+impl Overlay {
+    /// Opens `ino` with `flags`; returns the handle number.
+    pub fn open(&self, ino: u64, flags: i32) -> Result<u64, FsError> {
+        let flags = OFlags::from_bits_retain(flags as u32);
+        let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR);
+        let truncates = flags.contains(OFlags::TRUNC);
+        let mut st = self.lock();
+        let node = st.node(ino)?.clone();
+        if node.is_dir {
+            return Err(FsError::IsDir);
+        }
+        if writes || truncates {
+            let content = if truncates { Content::Empty } else { Content::Data };
+            self.copy_up(&mut st, ino, content)?;
+        } else if node.upper != Upper::Full {
+            let lower = node.lower.ok_or(FsError::NotFound)?;
+            return Ok(self.handles.add(ino, Handle::Lower(lower)));
+        }
+        let (dir, name) = self.upper_location(&mut st, ino)?;
+        drop(st);
+        let keep = OFlags::ACCMODE | OFlags::APPEND | OFlags::TRUNC | OFlags::SYNC | OFlags::DSYNC;
+        let file = dir.open_file(&name, flags & keep, 0)?;
+        Ok(self.handles.add(ino, Handle::Upper(Arc::new(file))))
+    }
+
+    /// Closes handle `fh`.
+    pub fn release(&self, fh: u64) {
+        self.handles.remove(fh);
+    }
+
+    /// Reads up to `size` bytes at `offset` through handle `fh`.
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
+        match self.handles.get(fh)? {
+            Handle::Lower(lower) => self.lower.read(lower, offset, size),
+            Handle::Upper(file) => {
+                let mut buf = vec![0; size as usize];
+                let mut filled = 0;
+                while filled < buf.len() {
+                    match file.read_at(&mut buf[filled..], offset + filled as u64)? {
+                        0 => break,
+                        n => filled += n,
+                    }
+                }
+                buf.truncate(filled);
+                Ok(buf)
+            }
+        }
+    }
+
+    /// Writes `data` at `offset` through handle `fh`.
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> Result<u32, FsError> {
+        match self.handles.get(fh)? {
+            Handle::Upper(file) => {
+                file.write_all_at(data, offset)?;
+                Ok(data.len() as u32)
+            }
+            Handle::Lower(_) => Err(FsError::Io(rustix::io::Errno::BADF.into())),
+        }
+    }
+
+    /// Flushes handle `fh` to disk.
+    pub fn fsync(&self, fh: u64, data_only: bool) -> Result<(), FsError> {
+        match self.handles.get(fh)? {
+            Handle::Upper(file) if data_only => file.sync_data()?,
+            Handle::Upper(file) => file.sync_all()?,
+            Handle::Lower(_) => {}
+        }
+        Ok(())
+    }
+
+    /// Flushes directory `ino`'s upper copy to disk, if it has one.
+    pub fn fsync_dir(&self, ino: u64) -> Result<(), FsError> {
+        let mut st = self.lock();
+        if st.node(ino)?.upper == Upper::Full {
+            self.upper_dir(&mut st, ino)?.fsync()?;
+        }
+        Ok(())
+    }
+
+    /// `fallocate` through handle `fh`.
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> Result<(), FsError> {
+        match self.handles.get(fh)? {
+            Handle::Upper(file) => {
+                let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+                Ok(rustix::fs::fallocate(&*file, flags, offset, len)?)
+            }
+            Handle::Lower(_) => Err(FsError::Io(rustix::io::Errno::BADF.into())),
+        }
+    }
+
+    /// Changes attributes of `ino`. Only a size change copies data up.
+    pub fn set_attr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<FileAttr, FsError> {
+        let mut st = self.lock();
+        let node = st.node(ino)?.clone();
+        if node.links.is_empty() {
+            drop(st);
+            return self.set_attr_unlinked(ino, fh, set);
+        }
+        let content = match set.size {
+            Some(0) => Content::Empty,
+            Some(_) => Content::Data,
+            None => Content::Metadata,
+        };
+        self.copy_up(&mut st, ino, content)?;
+        let (dir, name) = self.upper_location(&mut st, ino)?;
+        if set.uid.is_some() || set.gid.is_some() {
+            dir.chown(&name, set.uid, set.gid)?;
+        }
+        if let Some(mode) = set.mode {
+            dir.chmod(&name, mode)?;
+        }
+        if let Some(size) = set.size {
+            let handle = fh.map(|fh| self.handles.get(fh)).transpose()?;
+            match handle {
+                Some(Handle::Upper(file)) => file.set_len(size)?,
+                _ => dir.open_file(&name, OFlags::WRONLY, 0)?.set_len(size)?,
+            }
+        }
+        if set.atime.is_some() || set.mtime.is_some() {
+            let (atime, mtime) =
+                (set.atime.unwrap_or(SetTime::Omit), set.mtime.unwrap_or(SetTime::Omit));
+            dir.set_times(&name, atime, mtime)?;
+        }
+        self.attr_locked(&mut st, ino)
+    }
+
+    /// `setattr` of an open file whose names are all gone: through its handle.
+    fn set_attr_unlinked(
+        &self,
+        ino: u64,
+        fh: Option<u64>,
+        set: SetAttr,
+    ) -> Result<FileAttr, FsError> {
+        let Some(Handle::Upper(file)) = fh.map(|fh| self.handles.get(fh)).transpose()? else {
+            return Err(FsError::NotFound);
+        };
+        if set.uid.is_some() || set.gid.is_some() {
+            let uid = set.uid.map(rustix::fs::Uid::from_raw);
+            let gid = set.gid.map(rustix::fs::Gid::from_raw);
+            rustix::fs::fchown(&*file, uid, gid)?;
+        }
+        if let Some(mode) = set.mode {
+            rustix::fs::fchmod(&*file, rustix::fs::Mode::from_raw_mode(mode))?;
+        }
+        if let Some(size) = set.size {
+            file.set_len(size)?;
+        }
+        self.handles.attr_of_open(ino, fh, &self.lower)
+    }
+
+    /// The value of xattr `key` of `ino`.
+    pub fn xattr(&self, ino: u64, key: &OsStr) -> Result<Vec<u8>, FsError> {
+        if self.upper.is_private(key) {
+            return Err(FsError::NoAttr);
+        }
+        let mut st = self.lock();
+        let node = st.node(ino)?.clone();
+        if node.upper == Upper::Absent {
+            return Ok(self.lower.xattr(node.lower.ok_or(FsError::NotFound)?, key)?.to_vec());
+        }
+        let (dir, name) = self.upper_location(&mut st, ino)?;
+        dir.get_xattr(&name, key)?.ok_or(FsError::NoAttr)
+    }
+
+    /// The names of `ino`'s xattrs, NUL-separated.
+    pub fn xattr_names(&self, ino: u64) -> Result<Vec<u8>, FsError> {
+        let mut st = self.lock();
+        let node = st.node(ino)?.clone();
+        if node.upper == Upper::Absent {
+            return self.lower.xattr_names(node.lower.ok_or(FsError::NotFound)?);
+        }
+        let (dir, name) = self.upper_location(&mut st, ino)?;
+        let mut out = Vec::new();
+        for key in dir.list_xattr(&name)? {
+            if !self.upper.is_private(&key) {
+                out.extend_from_slice(key.as_encoded_bytes());
+                out.push(0);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Sets (`Some`) or removes (`None`) xattr `key` of `ino`.
+    pub fn set_xattr(
+        &self,
+        ino: u64,
+        key: &OsStr,
+        value: Option<(&[u8], i32)>,
+    ) -> Result<(), FsError> {
+        if self.upper.is_private(key) {
+            return Err(FsError::NotPermitted);
+        }
+        let mut st = self.lock();
+        self.copy_up(&mut st, ino, Content::Metadata)?;
+        let (dir, name): (_, OsString) = self.upper_location(&mut st, ino)?;
+        match value {
+            Some((value, flags)) => {
+                let flags = XattrFlags::from_bits_retain(flags as u32);
+                dir.set_xattr(&name, key, value, flags)?;
+            }
+            None => match dir.remove_xattr(&name, key) {
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => return Err(FsError::NoAttr),
+                r => r?,
+            },
+        }
+        Ok(())
+    }
+}

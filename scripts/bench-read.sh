@@ -77,9 +77,9 @@ bench_image() { # label layout tag has-big-file
   fuse-overlayfs -o "lowerdir=$lowers" "$F"; MOUNTS+=("$F")
   local state=$dir/state ref
   ref=$("$RMOUNT" --root "$state" load -i "$layout" | sed -n 's/^Loaded image: //p' | grep ":$tag\$" | head -1)
-  "$RMOUNT" --root "$state" mount "$ref" "$R"   # first mount builds the layer indexes
+  "$RMOUNT" --root "$state" mount "$ref" "$R" --read-only  # first mount builds the layer indexes
   "$RMOUNT" --root "$state" umount "$R"
-  local mnt="$RMOUNT --root $state mount $ref $R"
+  local mnt="$RMOUNT --root $state mount $ref $R --read-only"
   local umnt="$RMOUNT --root $state umount $R"
   $mnt; MOUNTS+=("$R")
   echo "## $label ($(find "$K" | wc -l) entries)"

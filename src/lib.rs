@@ -12,7 +12,7 @@
 //! | [`store`] | the local content-addressed store in OCI image-layout form, archives, GC |
 //! | [`layer`] | one pass over a layer blob into a [`layer::LayerIndex`]; random access into gzip/zstd/plain blobs |
 //! | [`cache`] | the bounded in-memory LRU of decompressed spans, single-flight |
-//! | [`fs`] | the union tree of a layer stack, the FUSE adapter, mount/umount |
+//! | [`fs`] | the union tree of a layer stack, the writable overlay over an upper dir, the FUSE adapters, mount/umount |
 //! | [`cli`] | argument parsing and human/JSON output only |
 //!
 //! See `docs/architecture.md` for the on-disk formats and the reasons behind them.

@@ -4,7 +4,12 @@
 #   debian     bookworm minbase (mmdebstrap) + a layer that deletes and
 #              replaces files, so it carries whiteouts   (tag: demo)
 #   synthetic  50,000 small files in 500 dirs + a 1 GiB file, one gzip layer (tag: bench)
-# Usage: scripts/make-images.sh debian|synthetic   (prints the layout path)
+#   debian-tools  bookworm minbase + git and ca-certificates, then a layer that
+#              deletes /usr/share/doc and replaces /etc/motd, so programs
+#              run on a writable mount meet whiteouts   (tag: tools)
+#   writebench a 1 GiB file /big.bin + /dir5k with 5,000 small files, one gzip
+#              layer, no symlinks: the write benchmark's lower  (tag: write)
+# Usage: scripts/make-images.sh debian|synthetic|debian-tools|writebench   (prints the layout path)
 set -euo pipefail
 CACHE=${RMOUNT_IMAGE_CACHE:-/var/cache/rmount-images}
 mkdir -p "$CACHE"
@@ -61,7 +66,62 @@ PY
   rm -rf "$work"
 }
 
+debian_tools() {
+  local out=$CACHE/debian-tools work=$CACHE/work-debian-tools
+  [[ -f $out/index.json ]] && return
+  rm -rf "$work" && mkdir -p "$work"
+  mmdebstrap --variant=minbase --include=git,ca-certificates --quiet bookworm \
+    "$work/rootfs.tar" >&2
+  umoci init --layout "$work/tools"
+  umoci new --image "$work/tools:base"
+  umoci unpack --image "$work/tools:base" "$work/b1"
+  tar -xf "$work/rootfs.tar" -C "$work/b1/rootfs"
+  umoci repack --image "$work/tools:base" "$work/b1"
+  umoci unpack --image "$work/tools:base" "$work/b2"
+  rm -rf "$work/b2/rootfs/usr/share/doc" "$work/b2/rootfs/etc/motd"
+  echo "Welcome to a writable image mounted by rmount." > "$work/b2/rootfs/etc/motd"
+  umoci repack --image "$work/tools:tools" "$work/b2"
+  umoci config --image "$work/tools:tools" --config.cmd /bin/bash
+  mv "$work/tools" "$out"
+  rm -rf "$work"
+}
+
+writebench() {
+  local out=$CACHE/writebench work=$CACHE/work-writebench
+  [[ -f $out/index.json ]] && return
+  rm -rf "$work" && mkdir -p "$work"
+  umoci init --layout "$work/writebench"
+  umoci new --image "$work/writebench:write"
+  umoci unpack --image "$work/writebench:write" "$work/b"
+  python3 - "$work/b/rootfs" <<'PY'
+import os, random, sys
+root = sys.argv[1]
+rng = random.Random(7)
+words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"\n", b"epsilon "]
+path = os.path.join(root, "dir5k")
+os.makedirs(path)
+for f in range(5000):
+    size = rng.randrange(0, 8192)
+    data = b"".join(rng.choice(words) for _ in range(size // 5 + 1))[:size]
+    with open(os.path.join(path, f"f{f:04}"), "wb") as fh:
+        fh.write(data)
+# The same kind of content as synthetic's big.bin (gzip: about 45%).
+block = b"".join(rng.choice(words) + rng.randbytes(2) for _ in range(200_000))
+with open(os.path.join(root, "big.bin"), "wb") as fh:
+    written = 0
+    while written < 1 << 30:
+        chunk = block[: (1 << 30) - written]
+        fh.write(chunk)
+        written += len(chunk)
+PY
+  umoci repack --image "$work/writebench:write" "$work/b"
+  mv "$work/writebench" "$out"
+  rm -rf "$work"
+}
+
 case "${1:-}" in
   debian | synthetic) "$1"; echo "$CACHE/$1" ;;
-  *) echo "usage: $0 debian|synthetic" >&2; exit 2 ;;
+  debian-tools) debian_tools; echo "$CACHE/$1" ;;
+  writebench) writebench; echo "$CACHE/$1" ;;
+  *) echo "usage: $0 debian|synthetic|debian-tools|writebench" >&2; exit 2 ;;
 esac

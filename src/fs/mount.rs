@@ -133,9 +133,11 @@ pub fn serve(
             rustix::process::umask(rustix::fs::Mode::empty());
             let overlay = Overlay::new(fs, dirs)
                 .map_err(|source| MountError::Upper { path: dirs.upper.clone(), source })?;
-            fuser::Session::new(WritableFs(overlay), &mountpoint, &config)
-                .map_err(mount_err)?
-                .spawn()
+            let overlay = Arc::new(overlay);
+            let session = fuser::Session::new(WritableFs(overlay.clone()), &mountpoint, &config)
+                .map_err(mount_err)?;
+            overlay.set_notifier(session.notifier());
+            session.spawn()
         }
     }
     .map_err(serve_err)?;
@@ -181,6 +183,30 @@ fn canonical_dir(path: &Path) -> Result<PathBuf, MountError> {
     Ok(canonical)
 }
 
+/// The absolute path of a mountpoint to unmount. A mount whose serving
+/// process died answers every `stat` with `ENOTCONN`; its path is then made
+/// absolute from its parent instead.
+fn mountpoint_to_unmount(path: &Path) -> Result<PathBuf, MountError> {
+    let bad = |reason: String| MountError::Mountpoint { path: path.to_path_buf(), reason };
+    let dead = |e: &std::io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    let absolute = match path.canonicalize() {
+        Ok(absolute) => absolute,
+        Err(e) if dead(&e) => {
+            let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+            let parent = parent.unwrap_or(Path::new("."));
+            let parent = parent.canonicalize().map_err(|e| bad(e.to_string()))?;
+            parent.join(path.file_name().unwrap_or_default())
+        }
+        Err(e) => return Err(bad(e.to_string())),
+    };
+    match std::fs::metadata(&absolute) {
+        Ok(meta) if meta.is_dir() => Ok(absolute),
+        Ok(_) => Err(bad("not a directory".into())),
+        Err(e) if dead(&e) => Ok(absolute),
+        Err(e) => Err(bad(e.to_string())),
+    }
+}
+
 /// Unmounts an rmount mount: a plain unmount, a lazy detach when it is busy
 /// (or at once with `force`), then waits for the serving process to exit.
 /// With `discard`, the mount's upper and work directories are deleted.
@@ -190,7 +216,7 @@ pub fn unmount_image(
     force: bool,
     discard: bool,
 ) -> Result<(), MountError> {
-    let mountpoint = canonical_dir(mountpoint)?;
+    let mountpoint = mountpoint_to_unmount(mountpoint)?;
     let record = store.mount_at(&mountpoint)?;
     if record.is_none() && !is_rmount_mount(&mountpoint) {
         return Err(MountError::Mountpoint {
@@ -236,23 +262,22 @@ pub fn unmount_image(
 
 fn wait_for_exit(pid: u32, limit: Duration) {
     let start = Instant::now();
-    let alive = || {
-        i32::try_from(pid)
-            .ok()
-            .and_then(rustix::process::Pid::from_raw)
-            .is_some_and(|p| rustix::process::test_kill_process(p).is_ok())
-    };
-    while alive() && start.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(20));
+    while crate::store::process_alive(pid) && start.elapsed() < limit {
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
-/// Is `mountpoint` a FUSE mount of subtype rmount (per /proc/self/mountinfo)?
+/// Is `mountpoint` an rmount FUSE mount (per /proc/self/mountinfo)? Its
+/// type is `fuse` or `fuse.rmount` and its source `rmount:REF`.
 fn is_rmount_mount(mountpoint: &Path) -> bool {
     let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
     let target = mountpoint.to_string_lossy();
     info.lines().any(|line| {
         let fields: Vec<&str> = line.split(' ').collect();
-        fields.get(4) == Some(&&*target) && line.contains(" - fuse.rmount ")
+        let Some(dash) = fields.iter().position(|f| *f == "-") else { return false };
+        let (fstype, source) = (fields.get(dash + 1), fields.get(dash + 2));
+        fields.get(4) == Some(&&*target)
+            && fstype.is_some_and(|t| t.starts_with("fuse"))
+            && source.is_some_and(|s| s.starts_with("rmount:"))
     })
 }

@@ -16,12 +16,13 @@ use fuser::{
     WriteFlags,
 };
 use std::ffi::OsStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Serves an [`Overlay`] over FUSE.
-pub struct WritableFs(pub Overlay);
+pub struct WritableFs(pub Arc<Overlay>);
 
 fn caller(req: &Request) -> Caller {
     Caller { uid: req.uid(), gid: req.gid() }

@@ -29,7 +29,7 @@ pub use archive::{ArchiveFormat, LoadedImage};
 pub use gc::{DiskUsage, PruneReport};
 pub use image::{Image, LayerDesc};
 pub use layout::RefEntry;
-pub use mounts::MountRecord;
+pub use mounts::{process_alive, MountRecord};
 pub use tags::Removal;
 
 use crate::digest::Digest;

@@ -4,6 +4,8 @@
 //! for a kernel-overlayfs oracle, and a tree walker that compares mounts.
 #![allow(dead_code)]
 
+pub mod ops;
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -102,13 +104,65 @@ impl Mounted {
         );
         Mounted { path: path.to_path_buf(), root: None }
     }
+
+    /// Mounts kernel overlayfs writable: `lowers` (top first) under `upper`,
+    /// with `workdir=work` and the extra comma-separated `options`.
+    pub fn overlay_rw(
+        lowers: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        options: &str,
+        path: &Path,
+    ) -> Mounted {
+        std::fs::create_dir_all(path).unwrap();
+        let lowerdir: Vec<String> = lowers.iter().map(|p| p.display().to_string()).collect();
+        let mut data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lowerdir.join(":"),
+            upper.display(),
+            work.display()
+        );
+        if !options.is_empty() {
+            data = format!("{data},{options}");
+        }
+        run_ok(Command::new("mount").args(["-t", "overlay", "overlay", "-o"]).arg(data).arg(path));
+        Mounted { path: path.to_path_buf(), root: None }
+    }
+
+    /// Mounts `reference` from the store at `root` on `path` writable, with
+    /// its changes in `upper` (`rmount mount REF DIR --upper U --work W`).
+    pub fn rmount_rw(
+        root: &Path,
+        reference: &str,
+        path: &Path,
+        upper: &Path,
+        work: &Path,
+    ) -> Mounted {
+        std::fs::create_dir_all(path).unwrap();
+        let (path_s, upper_s, work_s) =
+            (path.to_str().unwrap(), upper.to_str().unwrap(), work.to_str().unwrap());
+        rmount_ok(root, &["mount", reference, path_s, "--upper", upper_s, "--work", work_s]);
+        Mounted { path: path.to_path_buf(), root: Some(root.to_path_buf()) }
+    }
 }
 
 impl Drop for Mounted {
     fn drop(&mut self) {
         let out = match &self.root {
             Some(root) => rmount(root, &["umount", self.path.to_str().unwrap()]),
-            None => Command::new("umount").arg(&self.path).output().expect("umount"),
+            None => {
+                // A child another test thread is forking can hold copies of
+                // our (close-on-exec) fds until it execs: retry briefly.
+                let mut tries = 0;
+                loop {
+                    let out = Command::new("umount").arg(&self.path).output().expect("umount");
+                    tries += 1;
+                    if out.status.success() || tries == 10 {
+                        break out;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+            }
         };
         if !out.status.success() {
             eprintln!("unmounting {} failed: {}", self.path.display(), describe(&out));

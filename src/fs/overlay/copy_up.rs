@@ -116,7 +116,7 @@ impl Overlay {
         let temp = self.upper.temp_name();
         work.mkdir(&temp, 0o700)?;
         meta.apply(work, &temp, FileType::Directory)?;
-        work.rename(&temp, &parent_dir, &name, Rename::NoReplace)?;
+        move_in_unseen(work, &temp, &parent_dir, &name, Rename::NoReplace)?;
         self.settle(st, ino, &parent_dir, &name, Upper::Full)
     }
 
@@ -134,6 +134,7 @@ impl Overlay {
         }
         match (node.upper, content) {
             (Upper::Full, _) | (Upper::Meta, Content::Metadata) => return Ok(()),
+            (Upper::Meta, _) => return self.fill_metacopy(st, ino, content),
             _ => {}
         }
         let (parent, name) = location(&node)?;
@@ -153,6 +154,8 @@ impl Overlay {
             FileType::RegularFile => {
                 let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL;
                 let mut file = work.open_file(&temp, flags, 0o600)?;
+                let origin = self.upper.xattr(super::ORIGIN);
+                work.set_xattr(&temp, &origin, lower.to_string().as_bytes(), XattrFlags::empty())?;
                 match content {
                     Content::Metadata => {
                         file.set_len(attr.size)?;
@@ -183,8 +186,35 @@ impl Overlay {
             }
         }
         meta.apply(work, &temp, attr.kind)?;
-        work.rename(&temp, &parent_dir, &name, Rename::Replace)?;
+        move_in_unseen(work, &temp, &parent_dir, &name, Rename::Replace)?;
         self.settle(st, ino, &parent_dir, &name, upper)
+    }
+
+    /// Brings the data of metacopy file `ino` into its upper file, in place
+    /// (other names may link to it), then drops the `metacopy` mark. A crash
+    /// before the mark goes leaves a file still read from the lower. Like
+    /// overlayfs, this counts as a write: the file's mtime moves.
+    fn fill_metacopy(&self, st: &mut State, ino: u64, content: Content) -> Result<(), FsError> {
+        let lower = st.node(ino)?.lower.ok_or(FsError::NotFound)?;
+        let (dir, name) = self.upper_location(st, ino)?;
+        let mut file = dir.open_file(&name, OFlags::WRONLY, 0)?;
+        if content == Content::Data {
+            let size = self.lower.attr(lower)?.size;
+            self.copy_lower_data(lower, size, &mut file)?;
+        } else {
+            file.set_len(0)?;
+        }
+        file.sync_data()?;
+        for mark in ["metacopy", "redirect"] {
+            match dir.remove_xattr(&name, &self.upper.xattr(mark)) {
+                Err(e) if e.raw_os_error() == Some(libc::ENODATA) => {}
+                r => r?,
+            }
+        }
+        st.node_mut(ino)?.upper = Upper::Full;
+        // Its mtime moved while the kernel was asking for something else.
+        self.attributes_changed(ino);
+        Ok(())
     }
 
     /// Streams `size` bytes of lower file `lower` into `file`.
@@ -222,6 +252,24 @@ impl Overlay {
         node.upper = upper;
         Ok(())
     }
+}
+
+/// Renames a finished copy from the work dir into `dir`, then restores
+/// `dir`'s times: a copy-up changes nothing visible, so the parent's mtime
+/// must not move (overlayfs does the same).
+fn move_in_unseen(
+    work: &Dir,
+    temp: &OsStr,
+    dir: &Dir,
+    name: &OsStr,
+    how: Rename,
+) -> std::io::Result<()> {
+    let before = dir.stat(OsStr::new(""))?;
+    work.rename(temp, dir, name, how)?;
+    let time = |sec, nsec| SetTime::At(rustix::fs::Timespec { tv_sec: sec, tv_nsec: nsec });
+    let atime = time(before.st_atime, before.st_atime_nsec as _);
+    let mtime = time(before.st_mtime, before.st_mtime_nsec as _);
+    dir.set_times(OsStr::new(""), atime, mtime)
 }
 
 fn location(node: &Node) -> Result<(u64, OsString), FsError> {

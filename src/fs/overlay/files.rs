@@ -287,6 +287,11 @@ impl Overlay {
             return Err(FsError::NotPermitted);
         }
         let mut st = self.lock();
+        let node = st.node(ino)?.clone();
+        if let (None, Upper::Absent, Some(lower)) = (value, node.upper, node.lower) {
+            // Removing what is not there must not copy anything up.
+            self.lower.xattr(lower, key)?;
+        }
         self.copy_up(&mut st, ino, Content::Metadata)?;
         let (dir, name): (_, OsString) = self.upper_location(&mut st, ino)?;
         match value {

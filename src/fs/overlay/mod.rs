@@ -37,11 +37,15 @@ use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub use files::{Handle, SetAttr};
 pub use ops::{Caller, NewObject};
+
+/// The xattr (after the prefix) in which a copied-up file records its lower
+/// inode number. Kernel overlayfs hides and ignores it.
+const ORIGIN: &str = "rmount.origin";
 
 /// Upper directories kept open at most; past this the cache starts over.
 const MAX_OPEN_DIRS: usize = 4096;
@@ -83,8 +87,12 @@ struct State {
     by_upper: HashMap<(u64, u64), u64>,
     /// Open upper directories by inode (a directory fd survives renames).
     dirs: HashMap<u64, Arc<Dir>>,
+    /// Last inode number handed out when an upper inode number was taken.
     next_ino: u64,
 }
+
+/// First of the inode numbers handed out when the natural one is taken.
+const SPARE_INOS: u64 = 1 << 62;
 
 impl State {
     fn node(&self, ino: u64) -> Result<&Node, FsError> {
@@ -143,11 +151,21 @@ impl UpperLayer {
 }
 
 /// A writable mount: the lower union and the upper directory.
+///
+/// Inode numbers: a lower object keeps its lower number (1..=N), also once
+/// copied up (the copy records it in `<prefix>rmount.origin`); an object
+/// made in the upper is N + 1 + its upper inode number. Both survive a
+/// remount. Numbers from [`SPARE_INOS`] up are for an upper inode number
+/// reused while the kernel may still hold the old object's.
 pub struct Overlay {
     lower: ImageFs,
+    /// N + 1: upper objects are numbered from here.
+    upper_base: u64,
     upper: UpperLayer,
     state: Mutex<State>,
     handles: files::Handles,
+    /// Tells the kernel when attributes change behind its back.
+    notifier: OnceLock<fuser::Notifier>,
 }
 
 /// Where a mount keeps its changes.
@@ -227,7 +245,7 @@ impl Overlay {
         let upper = UpperLayer { root, work, caps, temp_counter: AtomicU64::new(0) };
         let opaque_root =
             upper.root.get_xattr(OsStr::new(""), &upper.xattr("opaque"))?.as_deref() == Some(b"y");
-        let next_ino = lower.tree().len() as u64 + 1;
+        let next_ino = SPARE_INOS;
         let mut state = State {
             nodes: HashMap::new(),
             by_upper: HashMap::new(),
@@ -244,7 +262,30 @@ impl Overlay {
             },
         );
         state.dirs.insert(ROOT_INO, upper.root.clone());
-        Ok(Self { lower, upper, state: Mutex::new(state), handles: files::Handles::default() })
+        let upper_base = lower.tree().len() as u64 + 1;
+        Ok(Self {
+            lower,
+            upper_base,
+            upper,
+            state: Mutex::new(state),
+            handles: files::Handles::default(),
+            notifier: OnceLock::new(),
+        })
+    }
+
+    /// Lets the overlay tell the kernel about changes it did not ask for.
+    pub fn set_notifier(&self, notifier: fuser::Notifier) {
+        let _ = self.notifier.set(notifier);
+    }
+
+    /// Drops the kernel's cached attributes of `ino` (not its pages).
+    fn attributes_changed(&self, ino: u64) {
+        if let Some(notifier) = self.notifier.get() {
+            // ENOENT: the kernel does not hold the inode; nothing to drop.
+            if let Err(e) = notifier.inval_inode(INodeNo(ino), -1, 0) {
+                tracing::warn!("invalidating inode {ino}: {e}");
+            }
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -263,9 +304,10 @@ impl Overlay {
         self.lower.tree().node(ino).is_some_and(|n| n.is_dir)
     }
 
-    /// The lower directory a `redirect` xattr names: an absolute path from
-    /// the layer root, or a name in the parent's lower directory.
-    fn lower_by_redirect(&self, parent: &Node, redirect: &[u8]) -> Option<u64> {
+    /// The lower object a `redirect` xattr names: an absolute path from the
+    /// layer root, or a name in the parent's lower directory. It must be a
+    /// directory for a directory (`want_dir`), a non-directory otherwise.
+    fn lower_by_redirect(&self, parent: &Node, redirect: &[u8], want_dir: bool) -> Option<u64> {
         let target = match redirect.strip_prefix(b"/") {
             Some(path) => {
                 let path = std::str::from_utf8(path).ok()?;
@@ -275,7 +317,7 @@ impl Overlay {
             }
             None => self.lower_child(parent, OsStr::from_bytes(redirect)),
         }?;
-        self.lower_is_dir(target).then_some(target)
+        (self.lower_is_dir(target) == want_dir).then_some(target)
     }
 
     /// The absolute path of lower inode `ino` (for a `redirect` xattr).
@@ -381,26 +423,29 @@ impl Overlay {
         lower_child: Option<u64>,
     ) -> Result<u64, FsError> {
         let is_dir = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_dir();
+        let redirect = |this: &Self| dir.get_xattr(name, &this.upper.xattr("redirect"));
         let (lower, upper) = if is_dir {
             let lower =
                 if dir.get_xattr(name, &self.upper.xattr("opaque"))?.as_deref() == Some(b"y") {
                     None
-                } else if let Some(redirect) = dir.get_xattr(name, &self.upper.xattr("redirect"))? {
-                    self.lower_by_redirect(dir_node, &redirect)
+                } else if let Some(redirect) = redirect(self)? {
+                    self.lower_by_redirect(dir_node, &redirect, true)
                 } else {
                     lower_child.filter(|&l| self.lower_is_dir(l))
                 };
             (lower, Upper::Full)
         } else if dir.get_xattr(name, &self.upper.xattr("metacopy"))?.is_some() {
-            let lower = lower_child.filter(|&l| !self.lower_is_dir(l));
+            let lower = match redirect(self)? {
+                Some(redirect) => self.lower_by_redirect(dir_node, &redirect, false),
+                None => lower_child.filter(|&l| !self.lower_is_dir(l)),
+            };
             (lower, if lower.is_some() { Upper::Meta } else { Upper::Full })
         } else {
             (None, Upper::Full)
         };
-        let ino = match (st.by_upper.get(&key(stat)), lower) {
-            (Some(&ino), _) => ino,
-            (None, Some(l)) => l,
-            (None, None) => st.alloc(),
+        let ino = match lower {
+            Some(l) => st.by_upper.get(&key(stat)).copied().unwrap_or(l),
+            None => self.upper_ino(st, dir, name, stat)?,
         };
         st.by_upper.insert(key(stat), ino);
         let node =
@@ -413,6 +458,36 @@ impl Overlay {
         node.links.retain(|(p, n)| !(*p == parent && n == name));
         node.links.insert(0, (parent, name.to_owned()));
         Ok(ino)
+    }
+
+    /// The inode number of upper object `name` in `dir` that merges no lower
+    /// one (see [`Overlay`]).
+    fn upper_ino(
+        &self,
+        st: &mut State,
+        dir: &Dir,
+        name: &OsStr,
+        stat: &Stat,
+    ) -> Result<u64, FsError> {
+        if let Some(&ino) = st.by_upper.get(&key(stat)) {
+            return Ok(ino);
+        }
+        let is_file = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file();
+        if is_file {
+            let origin = dir.get_xattr(name, &self.upper.xattr(ORIGIN))?;
+            let origin = origin.and_then(|o| std::str::from_utf8(&o).ok()?.parse::<u64>().ok());
+            // A lower inode still shown by another (lower) name is not free.
+            let free = |ino: &u64| {
+                *ino < self.upper_base
+                    && !self.lower_is_dir(*ino)
+                    && st.nodes.get(ino).is_none_or(|n| n.upper != Upper::Absent)
+            };
+            if let Some(ino) = origin.filter(free) {
+                return Ok(ino);
+            }
+        }
+        let natural = self.upper_base + stat.st_ino;
+        Ok(if st.nodes.contains_key(&natural) { st.alloc() } else { natural })
     }
 
     /// Looks `name` up in directory `parent`.

@@ -152,7 +152,7 @@ impl Overlay {
             }
         }
         let stat = dir.stat(name)?;
-        let ino = st.alloc();
+        let ino = self.upper_ino(&mut st, &dir, name, &stat)?;
         st.by_upper.insert(key(&stat), ino);
         st.nodes.insert(
             ino,
@@ -177,7 +177,10 @@ impl Overlay {
         if not_found_ok(self.resolve(&mut st, parent, name))?.is_some() {
             return Err(FsError::Exists);
         }
-        self.copy_up(&mut st, ino, Content::Data)?;
+        // Like overlayfs: the data stays below; the other name finds it
+        // through a redirect.
+        self.copy_up(&mut st, ino, Content::Metadata)?;
+        self.redirect_metacopy(&mut st, ino)?;
         self.ensure_upper_dir(&mut st, parent)?;
         let (src_dir, src_name) = self.upper_location(&mut st, ino)?;
         let dir = self.upper_dir(&mut st, parent)?;
@@ -272,7 +275,8 @@ impl Overlay {
     ) -> Result<(), FsError> {
         let node = st.node(ino)?.clone();
         if !node.is_dir {
-            return self.copy_up(st, ino, Content::Data);
+            self.copy_up(st, ino, Content::Metadata)?;
+            return self.redirect_metacopy(st, ino);
         }
         self.ensure_upper_dir(st, ino)?;
         let (dir, own_name) = self.upper_location(st, ino)?;
@@ -288,6 +292,18 @@ impl Overlay {
             }
             None => {}
         }
+        Ok(())
+    }
+
+    /// Gives metacopy file `ino` a `redirect` to its lower data, so it is
+    /// found under any name (after a rename or link). Other files: nothing.
+    fn redirect_metacopy(&self, st: &mut State, ino: u64) -> Result<(), FsError> {
+        let node = st.node(ino)?.clone();
+        let (Upper::Meta, Some(lower)) = (node.upper, node.lower) else { return Ok(()) };
+        let (dir, name) = self.upper_location(st, ino)?;
+        let path = self.lower_path(lower).ok_or(FsError::NotFound)?;
+        let redirect = self.upper.xattr("redirect");
+        dir.set_xattr(&name, &redirect, path.as_bytes(), XattrFlags::empty())?;
         Ok(())
     }
 

@@ -5,6 +5,7 @@ pub mod error;
 pub mod fuse;
 pub mod mount;
 pub mod overlay;
+pub mod passthrough;
 pub mod union;
 pub mod writable;
 

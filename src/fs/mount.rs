@@ -134,8 +134,9 @@ pub fn serve(
             let overlay = Overlay::new(fs, dirs)
                 .map_err(|source| MountError::Upper { path: dirs.upper.clone(), source })?;
             let overlay = Arc::new(overlay);
-            let session = fuser::Session::new(WritableFs(overlay.clone()), &mountpoint, &config)
-                .map_err(mount_err)?;
+            let session =
+                fuser::Session::new(WritableFs::new(overlay.clone()), &mountpoint, &config)
+                    .map_err(mount_err)?;
             overlay.set_notifier(session.notifier());
             session.spawn()
         }

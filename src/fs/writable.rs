@@ -8,6 +8,7 @@
 //! revalidates them when a directory changes.
 
 use super::overlay::{Caller, NewObject, Overlay, SetAttr};
+use super::passthrough::Passthrough;
 use crate::sys::upper::SetTime;
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FopenFlags, Generation, INodeNo, LockOwner,
@@ -22,7 +23,17 @@ use std::time::{Duration, SystemTime};
 const TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Serves an [`Overlay`] over FUSE.
-pub struct WritableFs(pub Arc<Overlay>);
+pub struct WritableFs {
+    overlay: Arc<Overlay>,
+    passthrough: Passthrough,
+}
+
+impl WritableFs {
+    /// Serves `overlay`.
+    pub fn new(overlay: Arc<Overlay>) -> Self {
+        Self { overlay, passthrough: Passthrough::default() }
+    }
+}
 
 fn caller(req: &Request) -> Caller {
     Caller { uid: req.uid(), gid: req.gid() }
@@ -60,7 +71,7 @@ fn reply_xattr(value: Result<Vec<u8>, super::FsError>, size: u32, reply: ReplyXa
 
 impl WritableFs {
     fn make(&self, req: &Request, parent: INodeNo, name: &OsStr, what: NewObject) -> ReplyResult {
-        self.0.create(parent.0, name, what, caller(req))
+        self.overlay.create(parent.0, name, what, caller(req))
     }
 }
 
@@ -83,15 +94,21 @@ impl fuser::Filesystem for WritableFs {
             }
         }
         let _ = config.set_max_readahead(4 << 20);
+        // Passthrough to upper files; depth 1: the upper is a plain filesystem.
+        if config.add_capabilities(F::FUSE_PASSTHROUGH).is_ok()
+            && config.set_max_stack_depth(1).is_ok()
+        {
+            self.passthrough.enable();
+        }
         Ok(())
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        reply_entry(self.0.lookup(parent.0, name), reply);
+        reply_entry(self.overlay.lookup(parent.0, name), reply);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.0.attr(ino.0, fh.map(|f| f.0)) {
+        match self.overlay.attr(ino.0, fh.map(|f| f.0)) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e.errno()),
         }
@@ -123,14 +140,14 @@ impl fuser::Filesystem for WritableFs {
             atime: set_time(atime),
             mtime: set_time(mtime),
         };
-        match self.0.set_attr(ino.0, fh.map(|f| f.0), set) {
+        match self.overlay.set_attr(ino.0, fh.map(|f| f.0), set) {
             Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e.errno()),
         }
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.0.readlink(ino.0) {
+        match self.overlay.readlink(ino.0) {
             Ok(target) => reply.data(&target),
             Err(e) => reply.error(e.errno()),
         }
@@ -164,11 +181,11 @@ impl fuser::Filesystem for WritableFs {
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.0.unlink(parent.0, name), reply);
+        reply_empty(self.overlay.unlink(parent.0, name), reply);
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.0.rmdir(parent.0, name), reply);
+        reply_empty(self.overlay.rmdir(parent.0, name), reply);
     }
 
     fn symlink(
@@ -193,7 +210,7 @@ impl fuser::Filesystem for WritableFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.0.rename(parent.0, name, newparent.0, newname, flags), reply);
+        reply_empty(self.overlay.rename(parent.0, name, newparent.0, newname, flags), reply);
     }
 
     fn link(
@@ -204,13 +221,18 @@ impl fuser::Filesystem for WritableFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        reply_entry(self.0.link(ino.0, newparent.0, newname), reply);
+        reply_entry(self.overlay.link(ino.0, newparent.0, newname), reply);
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.0.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e.errno()),
+        let fh = match self.overlay.open(ino.0, flags.0) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(e.errno()),
+        };
+        let file = self.overlay.upper_file(fh);
+        match self.passthrough.open(ino.0, fh, file.as_deref(), |f| reply.open_backing(f)) {
+            Some(id) => reply.opened_passthrough(FileHandle(fh), FopenFlags::empty(), &id),
+            None => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
         }
     }
 
@@ -225,7 +247,7 @@ impl fuser::Filesystem for WritableFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.0.read(fh.0, offset, size) {
+        match self.overlay.read(fh.0, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e.errno()),
         }
@@ -243,7 +265,7 @@ impl fuser::Filesystem for WritableFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.0.write(fh.0, offset, data) {
+        match self.overlay.write(fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e.errno()),
         }
@@ -271,7 +293,8 @@ impl fuser::Filesystem for WritableFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.0.release(fh.0);
+        self.passthrough.release(fh.0);
+        self.overlay.release(fh.0);
         reply.ok();
     }
 
@@ -283,7 +306,7 @@ impl fuser::Filesystem for WritableFs {
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.0.fsync(fh.0, datasync), reply);
+        reply_empty(self.overlay.fsync(fh.0, datasync), reply);
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -298,7 +321,7 @@ impl fuser::Filesystem for WritableFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.0.dir_entries(ino.0, offset) {
+        match self.overlay.dir_entries(ino.0, offset) {
             Ok(entries) => {
                 for (next, name, attr) in entries {
                     if reply.add(attr.ino, next, attr.kind, name) {
@@ -319,7 +342,7 @@ impl fuser::Filesystem for WritableFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        match self.0.dir_entries(ino.0, offset) {
+        match self.overlay.dir_entries(ino.0, offset) {
             Ok(entries) => {
                 for (next, name, attr) in entries {
                     if reply.add(attr.ino, next, name, &TTL, &attr, Generation(0)) {
@@ -340,11 +363,11 @@ impl fuser::Filesystem for WritableFs {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.0.fsync_dir(ino.0), reply);
+        reply_empty(self.overlay.fsync_dir(ino.0), reply);
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.0.statfs() {
+        match self.overlay.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
@@ -369,24 +392,24 @@ impl fuser::Filesystem for WritableFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.0.set_xattr(ino.0, name, Some((value, flags))), reply);
+        reply_empty(self.overlay.set_xattr(ino.0, name, Some((value, flags))), reply);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(self.0.xattr(ino.0, name), size, reply);
+        reply_xattr(self.overlay.xattr(ino.0, name), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(self.0.xattr_names(ino.0), size, reply);
+        reply_xattr(self.overlay.xattr_names(ino.0), size, reply);
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(self.0.set_xattr(ino.0, name, None), reply);
+        reply_empty(self.overlay.set_xattr(ino.0, name, None), reply);
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permission bits are checked by the kernel (`default_permissions`).
-        reply_empty(self.0.attr(ino.0, None).map(|_| ()), reply);
+        reply_empty(self.overlay.attr(ino.0, None).map(|_| ()), reply);
     }
 
     fn create(
@@ -399,15 +422,23 @@ impl fuser::Filesystem for WritableFs {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.make(req, parent, name, NewObject::File { mode, flags }) {
-            Ok((attr, fh)) => reply.created(
+        let (attr, fh) = match self.make(req, parent, name, NewObject::File { mode, flags }) {
+            Ok((attr, Some(fh))) => (attr, fh),
+            Ok((_, None)) => return reply.error(Errno::EIO),
+            Err(e) => return reply.error(e.errno()),
+        };
+        let file = self.overlay.upper_file(fh);
+        let (ino, generation) = (attr.ino.0, Generation(0));
+        match self.passthrough.open(ino, fh, file.as_deref(), |f| reply.open_backing(f)) {
+            Some(id) => reply.created_passthrough(
                 &TTL,
                 &attr,
-                Generation(0),
-                FileHandle(fh.unwrap_or(0)),
+                generation,
+                FileHandle(fh),
                 FopenFlags::empty(),
+                &id,
             ),
-            Err(e) => reply.error(e.errno()),
+            None => reply.created(&TTL, &attr, generation, FileHandle(fh), FopenFlags::empty()),
         }
     }
 
@@ -421,6 +452,6 @@ impl fuser::Filesystem for WritableFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.0.fallocate(fh.0, offset, length, mode), reply);
+        reply_empty(self.overlay.fallocate(fh.0, offset, length, mode), reply);
     }
 }

@@ -14,6 +14,7 @@ use std::ffi::{OsStr, OsString};
 use std::io::Write;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 /// Bytes read from the lower per step of a data copy.
@@ -187,6 +188,9 @@ impl Overlay {
         }
         meta.apply(work, &temp, attr.kind)?;
         move_in_unseen(work, &temp, &parent_dir, &name, Rename::Replace)?;
+        if upper == Upper::Full {
+            self.data_copies.fetch_add(1, Ordering::Release);
+        }
         self.settle(st, ino, &parent_dir, &name, upper)
     }
 
@@ -212,6 +216,7 @@ impl Overlay {
             }
         }
         st.node_mut(ino)?.upper = Upper::Full;
+        self.data_copies.fetch_add(1, Ordering::Release);
         // Its mtime moved while the kernel was asking for something else.
         self.attributes_changed(ino);
         Ok(())

@@ -27,26 +27,40 @@ pub enum Handle {
     Lower(u64),
 }
 
-/// Open handles by number, with the inode each belongs to.
+/// Open handles by number, with the inode each belongs to and the count
+/// of data copy-ups when it was last checked.
 #[derive(Default)]
 pub(super) struct Handles {
-    open: Mutex<HashMap<u64, (u64, Handle)>>,
+    open: Mutex<HashMap<u64, (u64, Handle, u64)>>,
     next: AtomicU64,
 }
 
 impl Handles {
-    pub fn add(&self, ino: u64, handle: Handle) -> u64 {
+    /// Registers `handle` of inode `ino`, opened when `copies` data
+    /// copy-ups had happened.
+    pub fn add(&self, ino: u64, handle: Handle, copies: u64) -> u64 {
         let fh = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        self.lock().insert(fh, (ino, handle));
+        self.lock().insert(fh, (ino, handle, copies));
         fh
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, Handle)>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, (u64, Handle, u64)>> {
         self.open.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn get(&self, fh: u64) -> Result<Handle, FsError> {
-        self.lock().get(&fh).map(|(_, h)| h.clone()).ok_or(FsError::Invalid)
+        self.entry(fh).map(|(_, h, _)| h)
+    }
+
+    fn entry(&self, fh: u64) -> Result<(u64, Handle, u64), FsError> {
+        self.lock().get(&fh).cloned().ok_or(FsError::Invalid)
+    }
+
+    fn replace(&self, fh: u64, handle: Handle, copies: u64) {
+        if let Some(entry) = self.lock().get_mut(&fh) {
+            entry.1 = handle;
+            entry.2 = copies;
+        }
     }
 
     fn remove(&self, fh: u64) {
@@ -63,9 +77,13 @@ impl Handles {
     ) -> Result<FileAttr, FsError> {
         let handle = {
             let open = self.lock();
-            let by_fh = fh.and_then(|fh| open.get(&fh)).filter(|(i, _)| *i == ino);
-            let any = || open.values().find(|(i, _)| *i == ino);
-            by_fh.or_else(any).map(|(_, h)| h.clone())
+            let by_fh = fh.and_then(|fh| open.get(&fh)).filter(|(i, _, _)| *i == ino);
+            // An upper handle knows the file as it is now; a lower one only
+            // as it was before the copy-up.
+            let upper =
+                || open.values().find(|(i, h, _)| *i == ino && matches!(h, Handle::Upper(_)));
+            let any = || open.values().find(|(i, _, _)| *i == ino);
+            by_fh.or_else(upper).or_else(any).map(|(_, h, _)| h.clone())
         };
         let mut attr = match handle.ok_or(FsError::NotFound)? {
             Handle::Upper(file) => attr_of(&rustix::fs::fstat(&*file)?, ino),
@@ -110,13 +128,22 @@ impl Overlay {
             self.copy_up(&mut st, ino, content)?;
         } else if node.upper != Upper::Full {
             let lower = node.lower.ok_or(FsError::NotFound)?;
-            return Ok(self.handles.add(ino, Handle::Lower(lower)));
+            let copies = self.data_copies.load(Ordering::Acquire);
+            return Ok(self.handles.add(ino, Handle::Lower(lower), copies));
         }
         let (dir, name) = self.upper_location(&mut st, ino)?;
         drop(st);
         let keep = OFlags::ACCMODE | OFlags::APPEND | OFlags::TRUNC | OFlags::SYNC | OFlags::DSYNC;
         let file = dir.open_file(&name, flags & keep, 0)?;
-        Ok(self.handles.add(ino, Handle::Upper(Arc::new(file))))
+        Ok(self.handles.add(ino, Handle::Upper(Arc::new(file)), 0))
+    }
+
+    /// The upper file behind handle `fh`, if it has one.
+    pub fn upper_file(&self, fh: u64) -> Option<Arc<File>> {
+        match self.handles.get(fh) {
+            Ok(Handle::Upper(file)) => Some(file),
+            _ => None,
+        }
     }
 
     /// Closes handle `fh`.
@@ -124,9 +151,30 @@ impl Overlay {
         self.handles.remove(fh);
     }
 
+    /// The handle `fh` as it reads now: a lower handle whose file has since
+    /// been copied up reads the upper copy (as overlayfs does), and keeps
+    /// doing so. Only checked when some data copy-up happened since.
+    fn reading_handle(&self, fh: u64) -> Result<Handle, FsError> {
+        let (ino, handle, copies) = self.handles.entry(fh)?;
+        let Handle::Lower(_) = handle else { return Ok(handle) };
+        let now = self.data_copies.load(Ordering::Acquire);
+        if copies == now {
+            return Ok(handle);
+        }
+        let mut st = self.lock();
+        if st.node(ino).is_ok_and(|n| n.upper == Upper::Full && !n.links.is_empty()) {
+            let (dir, name) = self.upper_location(&mut st, ino)?;
+            let upper = Handle::Upper(Arc::new(dir.open_file(&name, OFlags::RDONLY, 0)?));
+            self.handles.replace(fh, upper.clone(), now);
+            return Ok(upper);
+        }
+        self.handles.replace(fh, handle.clone(), now);
+        Ok(handle)
+    }
+
     /// Reads up to `size` bytes at `offset` through handle `fh`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
-        match self.handles.get(fh)? {
+        match self.reading_handle(fh)? {
             Handle::Lower(lower) => self.lower.read(lower, offset, size),
             Handle::Upper(file) => {
                 let mut buf = vec![0; size as usize];

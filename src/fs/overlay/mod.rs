@@ -166,6 +166,8 @@ pub struct Overlay {
     handles: files::Handles,
     /// Tells the kernel when attributes change behind its back.
     notifier: OnceLock<fuser::Notifier>,
+    /// Data copy-ups so far: lower handles recheck their file when it moves.
+    data_copies: AtomicU64,
 }
 
 /// Where a mount keeps its changes.
@@ -270,6 +272,7 @@ impl Overlay {
             state: Mutex::new(state),
             handles: files::Handles::default(),
             notifier: OnceLock::new(),
+            data_copies: AtomicU64::new(0),
         })
     }
 

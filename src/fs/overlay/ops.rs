@@ -163,7 +163,8 @@ impl Overlay {
                 is_dir: what.is_dir(),
             },
         );
-        let handle = file.map(|f| self.handles.add(ino, super::files::Handle::Upper(Arc::new(f))));
+        let handle =
+            file.map(|f| self.handles.add(ino, super::files::Handle::Upper(Arc::new(f)), 0));
         let attr = self.attr_locked(&mut st, ino)?;
         Ok((attr, handle))
     }

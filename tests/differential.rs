@@ -45,7 +45,8 @@ enum Candidate {
 
 // ============================================================================
 // THE SWITCH: the candidate used when RMOUNT_DIFF_CANDIDATE is unset.
-// Flip to `Candidate::Rmount` once `rmount mount --upper --work` exists.
+// `RMOUNT_DIFF_CANDIDATE=overlay` checks the harness itself: kernel overlayfs
+// against kernel overlayfs must show no difference.
 const DEFAULT_CANDIDATE: Candidate = Candidate::Rmount;
 // ============================================================================
 

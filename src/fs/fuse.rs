@@ -134,6 +134,19 @@ impl ImageFs {
         Ok(buf)
     }
 
+    /// Decompresses the part `offset..offset + len` of regular file `ino`
+    /// ahead of reading it, on up to `threads` threads.
+    pub fn prefetch(&self, ino: u64, offset: u64, len: u64, threads: usize) -> Result<(), FsError> {
+        let node = self.node(ino)?;
+        let layer = node.source.ok_or(FsError::Invalid)?.layer as usize;
+        let EntryKind::File { offset: start, size } = self.entry(ino)?.kind else {
+            return Err(FsError::Invalid);
+        };
+        let len = len.min(size.saturating_sub(offset));
+        let reader = self.readers.get(layer).ok_or(FsError::Invalid)?;
+        Ok(reader.prefetch(start + offset, len, threads)?)
+    }
+
     /// The value of extended attribute `name` of `ino`.
     pub fn xattr(&self, ino: u64, name: &OsStr) -> Result<&[u8], FsError> {
         let node = self.node(ino)?;

@@ -106,6 +106,38 @@ impl LayerReader {
         Ok(len)
     }
 
+    /// Decompresses the gzip spans under `offset..offset + len` of the tar
+    /// stream into the cache on up to `threads` threads: one inflater runs
+    /// at a few hundred MB/s, so a large copy is bound by it otherwise.
+    /// (zstd frames and plain blobs gain nothing from this; they return.)
+    pub fn prefetch(&self, offset: u64, len: u64, threads: usize) -> Result<(), LayerError> {
+        let size = self.index.uncompressed_size;
+        if !matches!(self.index.access, AccessMap::Gzip(_)) || offset >= size || len == 0 {
+            return Ok(());
+        }
+        let span_of = |pos: u64| self.span_starts.partition_point(|&start| start <= pos) - 1;
+        let (first, last) = (span_of(offset), span_of((offset + len).min(size) - 1));
+        let next = std::sync::atomic::AtomicUsize::new(first);
+        let take = || next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..threads.clamp(1, last - first + 1))
+                .map(|_| {
+                    s.spawn(|| {
+                        let mut i = take();
+                        while i <= last {
+                            self.span(i)?;
+                            i = take();
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        })
+    }
+
     fn span_len(&self, i: usize) -> usize {
         let end = self.span_starts.get(i + 1).copied().unwrap_or(self.index.uncompressed_size);
         (end - self.span_starts[i]) as usize

@@ -7,6 +7,7 @@
 
 use super::{key, Node, Overlay, State, Upper};
 use crate::fs::error::FsError;
+use crate::layer::SPAN_SIZE;
 use crate::sys::upper::{Dir, Rename, SetTime};
 use fuser::FileType;
 use rustix::fs::{OFlags, XattrFlags};
@@ -222,15 +223,21 @@ impl Overlay {
         Ok(())
     }
 
-    /// Streams `size` bytes of lower file `lower` into `file`.
+    /// Streams `size` bytes of lower file `lower` into `file`, a window of
+    /// spans decompressed in parallel ahead of the copy.
     fn copy_lower_data(
         &self,
         lower: u64,
         size: u64,
         file: &mut std::fs::File,
     ) -> Result<(), FsError> {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let window = (threads * SPAN_SIZE) as u64;
         let mut offset = 0;
         while offset < size {
+            if offset % window == 0 {
+                self.lower.prefetch(lower, offset, window, threads)?;
+            }
             let chunk = self.lower.read(lower, offset, COPY_CHUNK)?;
             if chunk.is_empty() {
                 break;

@@ -161,6 +161,8 @@ pub struct Overlay {
     lower: ImageFs,
     /// N + 1: upper objects are numbered from here.
     upper_base: u64,
+    /// This process's uid and gid: what a new upper object gets unasked.
+    own_ids: (u32, u32),
     upper: UpperLayer,
     state: Mutex<State>,
     handles: files::Handles,
@@ -265,9 +267,11 @@ impl Overlay {
         );
         state.dirs.insert(ROOT_INO, upper.root.clone());
         let upper_base = lower.tree().len() as u64 + 1;
+        let own_ids = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
         Ok(Self {
             lower,
             upper_base,
+            own_ids,
             upper,
             state: Mutex::new(state),
             handles: files::Handles::default(),
@@ -489,8 +493,18 @@ impl Overlay {
                 return Ok(ino);
             }
         }
+        Ok(self.fresh_ino(st, stat))
+    }
+
+    /// The inode number of a new upper object: N + 1 + its upper inode
+    /// number, unless that is still taken (the upper inode was reused).
+    fn fresh_ino(&self, st: &mut State, stat: &Stat) -> u64 {
         let natural = self.upper_base + stat.st_ino;
-        Ok(if st.nodes.contains_key(&natural) { st.alloc() } else { natural })
+        if st.nodes.contains_key(&natural) {
+            st.alloc()
+        } else {
+            natural
+        }
     }
 
     /// Looks `name` up in directory `parent`.

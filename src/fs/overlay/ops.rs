@@ -112,33 +112,38 @@ impl Overlay {
         caller: Caller,
     ) -> Result<(FileAttr, Option<u64>), FsError> {
         let mut st = self.lock();
-        if not_found_ok(self.resolve(&mut st, parent, name))?.is_some() {
-            return Err(FsError::Exists);
+        let dir_node = st.node(parent)?.clone();
+        if !dir_node.is_dir {
+            return Err(FsError::NotDir);
         }
         self.ensure_upper_dir(&mut st, parent)?;
         let dir = self.upper_dir(&mut st, parent)?;
+        let over_whiteout = match stat_opt(&dir, name)? {
+            Some(stat) if is_whiteout(&stat) => true,
+            Some(_) => return Err(FsError::Exists),
+            None if self.lower_child(&dir_node, name).is_some() => return Err(FsError::Exists),
+            None => false,
+        };
         let parent_stat = dir.stat(OsStr::new(""))?;
         // A setgid directory gives its group to new objects (and its setgid
         // bit to new directories), as the kernel does.
         let setgid = parent_stat.st_mode & 0o2000 != 0;
         let gid = if setgid { parent_stat.st_gid } else { caller.gid };
         let mode = what.mode() | if setgid && what.is_dir() { 0o2000 } else { 0 };
-        let over_whiteout = stat_opt(&dir, name)?.is_some_and(|s| is_whiteout(&s));
         let work = &self.upper.work;
         let (target, target_name) =
             if over_whiteout { (work, self.upper.temp_name()) } else { (&*dir, name.to_owned()) };
         let file = what.make(target, &target_name)?;
-        let fix = |d: &Dir, n: &OsStr| -> std::io::Result<()> {
-            let stat = d.stat(n)?;
-            if (stat.st_uid, stat.st_gid) != (caller.uid, gid) {
-                d.chown(n, Some(caller.uid), Some(gid))?;
-            }
-            if !matches!(what, NewObject::Symlink { .. }) && stat.st_mode & 0o7777 != mode {
-                d.chmod(n, mode)?;
-            }
-            Ok(())
-        };
-        fix(target, &target_name)?;
+        // The object belongs to this process now; what it would get by
+        // itself is predictable, so only a difference costs a syscall.
+        let (own_uid, own_gid) = self.own_ids;
+        let made_gid = if setgid { parent_stat.st_gid } else { own_gid };
+        if (caller.uid, gid) != (own_uid, made_gid) {
+            target.chown(&target_name, Some(caller.uid), Some(gid))?;
+        }
+        if !matches!(what, NewObject::Symlink { .. }) && mode & 0o7000 != 0 {
+            target.chmod(&target_name, mode)?;
+        }
         if over_whiteout {
             if what.is_dir() {
                 // The lower name this whiteout hid must stay hidden: the new
@@ -151,8 +156,11 @@ impl Overlay {
                 work.rename(&target_name, &dir, name, Rename::Replace)?;
             }
         }
-        let stat = dir.stat(name)?;
-        let ino = self.upper_ino(&mut st, &dir, name, &stat)?;
+        let stat = match &file {
+            Some(file) => rustix::fs::fstat(file)?,
+            None => dir.stat(name)?,
+        };
+        let ino = self.fresh_ino(&mut st, &stat);
         st.by_upper.insert(key(&stat), ino);
         st.nodes.insert(
             ino,
@@ -165,8 +173,7 @@ impl Overlay {
         );
         let handle =
             file.map(|f| self.handles.add(ino, super::files::Handle::Upper(Arc::new(f)), 0));
-        let attr = self.attr_locked(&mut st, ino)?;
-        Ok((attr, handle))
+        Ok((super::attr_of(&stat, ino), handle))
     }
 
     /// Hard-links `ino` as `name` in `parent` (a lower file is copied up first).

@@ -14,23 +14,35 @@ set -euo pipefail
 CACHE=${RMOUNT_IMAGE_CACHE:-/var/cache/rmount-images}
 mkdir -p "$CACHE"
 
-debian() {
-  local out=$CACHE/debian work=$CACHE/work-debian
+# debian_layout NAME TAG MOTD [MMDEBSTRAP-ARGS…]: bookworm minbase (plus
+# the args) as layer 1 (tag base), then a layer that deletes /usr/share/doc
+# and replaces /etc/motd (tag TAG), so the image carries whiteouts.
+debian_layout() {
+  local name=$1 tag=$2 motd=$3
+  shift 3
+  local out=$CACHE/$name work=$CACHE/work-$name
   [[ -f $out/index.json ]] && return
   rm -rf "$work" && mkdir -p "$work"
-  mmdebstrap --variant=minbase --quiet bookworm "$work/rootfs.tar" >&2
-  umoci init --layout "$work/debian"
-  umoci new --image "$work/debian:base"
-  umoci unpack --image "$work/debian:base" "$work/b1"
+  mmdebstrap --variant=minbase "$@" --quiet bookworm "$work/rootfs.tar" >&2
+  umoci init --layout "$work/img"
+  umoci new --image "$work/img:base"
+  umoci unpack --image "$work/img:base" "$work/b1"
   tar -xf "$work/rootfs.tar" -C "$work/b1/rootfs"
-  umoci repack --image "$work/debian:base" "$work/b1"
-  umoci unpack --image "$work/debian:base" "$work/b2"
+  umoci repack --image "$work/img:base" "$work/b1"
+  umoci unpack --image "$work/img:base" "$work/b2"
   rm -rf "$work/b2/rootfs/usr/share/doc" "$work/b2/rootfs/etc/motd"
-  echo "Welcome to an image mounted by rmount." > "$work/b2/rootfs/etc/motd"
-  umoci repack --image "$work/debian:demo" "$work/b2"
-  umoci config --image "$work/debian:demo" --config.cmd /bin/bash
-  mv "$work/debian" "$out"
+  echo "$motd" > "$work/b2/rootfs/etc/motd"
+  umoci repack --image "$work/img:$tag" "$work/b2"
+  umoci config --image "$work/img:$tag" --config.cmd /bin/bash
+  mv "$work/img" "$out"
   rm -rf "$work"
+}
+
+debian() { debian_layout debian demo "Welcome to an image mounted by rmount."; }
+
+debian_tools() {
+  debian_layout debian-tools tools "Welcome to a writable image mounted by rmount." \
+    --include=git,ca-certificates
 }
 
 synthetic() {
@@ -63,26 +75,6 @@ with open(os.path.join(root, "big.bin"), "wb") as fh:
 PY
   umoci repack --image "$work/synthetic:bench" "$work/b"
   mv "$work/synthetic" "$out"
-  rm -rf "$work"
-}
-
-debian_tools() {
-  local out=$CACHE/debian-tools work=$CACHE/work-debian-tools
-  [[ -f $out/index.json ]] && return
-  rm -rf "$work" && mkdir -p "$work"
-  mmdebstrap --variant=minbase --include=git,ca-certificates --quiet bookworm \
-    "$work/rootfs.tar" >&2
-  umoci init --layout "$work/tools"
-  umoci new --image "$work/tools:base"
-  umoci unpack --image "$work/tools:base" "$work/b1"
-  tar -xf "$work/rootfs.tar" -C "$work/b1/rootfs"
-  umoci repack --image "$work/tools:base" "$work/b1"
-  umoci unpack --image "$work/tools:base" "$work/b2"
-  rm -rf "$work/b2/rootfs/usr/share/doc" "$work/b2/rootfs/etc/motd"
-  echo "Welcome to a writable image mounted by rmount." > "$work/b2/rootfs/etc/motd"
-  umoci repack --image "$work/tools:tools" "$work/b2"
-  umoci config --image "$work/tools:tools" --config.cmd /bin/bash
-  mv "$work/tools" "$out"
   rm -rf "$work"
 }
 

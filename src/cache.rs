@@ -92,6 +92,17 @@ impl SpanCache {
         Ok(data)
     }
 
+    /// Is `key` cached (not just being loaded)?
+    pub fn is_cached(&self, key: &SpanKey) -> bool {
+        self.lock().lru.contains(key)
+    }
+
+    /// Is `key` cached or being loaded right now?
+    pub fn has(&self, key: &SpanKey) -> bool {
+        let inner = self.lock();
+        inner.lru.contains(key) || inner.pending.contains(key)
+    }
+
     /// Caches `data` under `key` (used for spans decoded on the way to another).
     pub fn insert(&self, key: SpanKey, data: SpanData) {
         let mut inner = self.lock();

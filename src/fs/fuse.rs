@@ -134,6 +134,16 @@ impl ImageFs {
         Ok(buf)
     }
 
+    /// Can `size` bytes of file `ino` at `offset` be read without
+    /// decompressing anything? (Unknown inodes: yes; the read fails fast.)
+    pub fn is_ready(&self, ino: u64, offset: u64, size: u32) -> bool {
+        let Ok(node) = self.node(ino) else { return true };
+        let (Some(source), Ok(entry)) = (node.source, self.entry(ino)) else { return true };
+        let EntryKind::File { offset: start, size: len } = entry.kind else { return true };
+        let len = u64::from(size).min(len.saturating_sub(offset));
+        self.readers.get(source.layer as usize).is_none_or(|r| r.is_ready(start + offset, len))
+    }
+
     /// Decompresses the part `offset..offset + len` of regular file `ino`
     /// ahead of reading it, on up to `threads` threads.
     pub fn prefetch(&self, ino: u64, offset: u64, len: u64, threads: usize) -> Result<(), FsError> {
@@ -195,22 +205,29 @@ fn reply_xattr(value: Result<&[u8], FsError>, size: u32, reply: ReplyXattr) {
     }
 }
 
+/// Asks the kernel for what both adapters want: attributes with directory
+/// listings (one round trip per batch, not a lookup per name), cached
+/// symlinks, concurrent lookups in one directory, 4 MiB readahead, and
+/// `extra`.
+pub(super) fn request_capabilities(config: &mut fuser::KernelConfig, extra: &[fuser::InitFlags]) {
+    use fuser::InitFlags as F;
+    let common = [
+        F::FUSE_DO_READDIRPLUS,
+        F::FUSE_READDIRPLUS_AUTO,
+        F::FUSE_CACHE_SYMLINKS,
+        F::FUSE_PARALLEL_DIROPS,
+    ];
+    for &flag in common.iter().chain(extra) {
+        if config.add_capabilities(flag).is_err() {
+            tracing::debug!("kernel lacks {flag:?}");
+        }
+    }
+    let _ = config.set_max_readahead(4 << 20);
+}
+
 impl fuser::Filesystem for ImageFs {
     fn init(&mut self, _req: &Request, config: &mut fuser::KernelConfig) -> std::io::Result<()> {
-        use fuser::InitFlags as F;
-        // Attributes with directory listings (one round trip per batch, not
-        // a lookup per name), cached symlinks, concurrent lookups in one dir.
-        for flag in [
-            F::FUSE_DO_READDIRPLUS,
-            F::FUSE_READDIRPLUS_AUTO,
-            F::FUSE_CACHE_SYMLINKS,
-            F::FUSE_PARALLEL_DIROPS,
-        ] {
-            if config.add_capabilities(flag).is_err() {
-                tracing::debug!("kernel lacks {flag:?}");
-            }
-        }
-        let _ = config.set_max_readahead(4 << 20);
+        request_capabilities(config, &[]);
         Ok(())
     }
 

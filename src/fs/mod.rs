@@ -7,6 +7,7 @@ pub mod mount;
 pub mod overlay;
 pub mod passthrough;
 pub mod union;
+pub mod workers;
 pub mod writable;
 
 pub use error::FsError;

@@ -134,9 +134,11 @@ pub fn serve(
             let overlay = Overlay::new(fs, dirs)
                 .map_err(|source| MountError::Upper { path: dirs.upper.clone(), source })?;
             let overlay = Arc::new(overlay);
-            let session =
-                fuser::Session::new(WritableFs::new(overlay.clone()), &mountpoint, &config)
-                    .map_err(mount_err)?;
+            // One request thread (see `WritableFs`); the pool reads.
+            let mut config = config;
+            config.n_threads = Some(1);
+            let fs = WritableFs::new(overlay.clone(), options.threads);
+            let session = fuser::Session::new(fs, &mountpoint, &config).map_err(mount_err)?;
             overlay.set_notifier(session.notifier());
             session.spawn()
         }

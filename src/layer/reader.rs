@@ -12,20 +12,25 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// Random access to the uncompressed tar stream of one layer blob.
 ///
-/// Shared between threads (`&self` reads); holds the index.
+/// Shared between threads (`&self` reads); holds the index. Clones are
+/// cheap and share everything (a read-ahead runs on a clone).
+#[derive(Clone)]
 pub struct LayerReader {
     index: Arc<LayerIndex>,
-    blob: File,
+    blob: Arc<File>,
     digest: Arc<Digest>,
     cache: Arc<SpanCache>,
     /// Uncompressed start of each span (empty for plain blobs).
-    span_starts: Vec<u64>,
+    span_starts: Arc<[u64]>,
     /// zstd only: the frame of each span.
-    zstd_spans: Vec<ZstdSpan>,
+    zstd_spans: Arc<[ZstdSpan]>,
+    /// A read-ahead is running (at most one per layer).
+    reading_ahead: Arc<AtomicBool>,
 }
 
 impl LayerReader {
@@ -67,7 +72,15 @@ impl LayerReader {
             }
         };
         let digest = Arc::new(index.blob_digest.clone());
-        Self { index, blob, digest, cache, span_starts, zstd_spans }
+        Self {
+            index,
+            blob: Arc::new(blob),
+            digest,
+            cache,
+            span_starts: span_starts.into(),
+            zstd_spans: zstd_spans.into(),
+            reading_ahead: Arc::new(AtomicBool::new(false)),
+        }
     }
 
     /// The layer's index.
@@ -102,8 +115,44 @@ impl LayerReader {
             }
             buf[done..done + n].copy_from_slice(&data[within..within + n]);
             done += n;
+            if within + n > data.len() / 2 {
+                self.read_ahead(span + 1);
+            }
         }
         Ok(len)
+    }
+
+    /// Decompresses gzip span `i` in the background when a read has gone
+    /// past the middle of the span before it: a sequential reader then finds
+    /// it ready, and the inflating runs on another core meanwhile. One
+    /// read-ahead per layer at a time, so random reads cannot pile them up.
+    fn read_ahead(&self, i: usize) {
+        if !matches!(self.index.access, AccessMap::Gzip(_))
+            || i >= self.span_starts.len()
+            || self.cache.has(&self.key(i))
+            || self.reading_ahead.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let reader = self.clone();
+        std::thread::spawn(move || {
+            if let Err(e) = reader.span(i) {
+                tracing::debug!("read-ahead of span {i}: {e}");
+            }
+            reader.reading_ahead.store(false, Ordering::Release);
+        });
+    }
+
+    /// Can `len` bytes at `offset` be read without decompressing anything
+    /// (plain blob, or every span under them cached)?
+    pub fn is_ready(&self, offset: u64, len: u64) -> bool {
+        let size = self.index.uncompressed_size;
+        if matches!(self.index.access, AccessMap::Plain) || offset >= size || len == 0 {
+            return true;
+        }
+        let span_of = |pos: u64| self.span_starts.partition_point(|&start| start <= pos) - 1;
+        let (first, last) = (span_of(offset), span_of((offset + len).min(size) - 1));
+        (first..=last).all(|i| self.cache.is_cached(&self.key(i)))
     }
 
     /// Decompresses the gzip spans under `offset..offset + len` of the tar

@@ -43,6 +43,18 @@ pub(super) struct Meta {
 }
 
 impl Meta {
+    /// The metadata of `attr`, with `xattrs`.
+    fn new(attr: &fuser::FileAttr, xattrs: Vec<(OsString, Vec<u8>)>) -> Self {
+        Meta {
+            mode: u32::from(attr.perm),
+            uid: attr.uid,
+            gid: attr.gid,
+            atime: attr.atime,
+            mtime: attr.mtime,
+            xattrs,
+        }
+    }
+
     /// Applies to `name` in `dir`: owner first (a `chown` clears setuid),
     /// then mode, xattrs and times (last: the others change ctime only).
     pub fn apply(&self, dir: &Dir, name: &OsStr, kind: FileType) -> std::io::Result<()> {
@@ -67,15 +79,7 @@ impl Overlay {
             let key = OsStr::new(std::str::from_utf8(key).map_err(|_| FsError::Invalid)?);
             xattrs.push((key.to_owned(), self.lower.xattr(lower, key)?.to_vec()));
         }
-        let meta = Meta {
-            mode: u32::from(attr.perm),
-            uid: attr.uid,
-            gid: attr.gid,
-            atime: attr.atime,
-            mtime: attr.mtime,
-            xattrs,
-        };
-        Ok((meta, attr))
+        Ok((Meta::new(&attr, xattrs), attr))
     }
 
     /// Metadata of the upper object `name` in `dir`, without overlay xattrs.
@@ -90,14 +94,7 @@ impl Overlay {
                 }
             }
         }
-        Ok(Meta {
-            mode: u32::from(attr.perm),
-            uid: attr.uid,
-            gid: attr.gid,
-            atime: attr.atime,
-            mtime: attr.mtime,
-            xattrs,
-        })
+        Ok(Meta::new(&attr, xattrs))
     }
 
     /// Makes directory `ino` exist in the upper (its ancestors first). The

@@ -172,6 +172,14 @@ impl Overlay {
         Ok(handle)
     }
 
+    /// Can this read be answered without decompressing lower data?
+    pub fn read_is_ready(&self, fh: u64, offset: u64, size: u32) -> bool {
+        match self.handles.get(fh) {
+            Ok(Handle::Lower(lower)) => self.lower.is_ready(lower, offset, size),
+            _ => true,
+        }
+    }
+
     /// Reads up to `size` bytes at `offset` through handle `fh`.
     pub fn read(&self, fh: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         match self.reading_handle(fh)? {

@@ -13,6 +13,7 @@
 //! | [`layer`] | one pass over a layer blob into a [`layer::LayerIndex`]; random access into gzip/zstd/plain blobs |
 //! | [`cache`] | the bounded in-memory LRU of decompressed spans, single-flight |
 //! | [`fs`] | the union tree of a layer stack, the writable overlay over an upper dir, the FUSE adapters, mount/umount |
+//! | [`commit`] | a mount's upper layer as a new layer and image (`commit`), its changes (`diff`), the merged tree as one tar (`export`) |
 //! | [`cli`] | argument parsing and human/JSON output only |
 //!
 //! See `docs/architecture.md` for the on-disk formats and the reasons behind them.
@@ -21,6 +22,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod commit;
 pub mod digest;
 pub mod durable;
 pub mod fs;

@@ -2,6 +2,7 @@
 //! lives here: each command calls into the library and prints the result,
 //! as a table for people or as JSON with `--json`.
 
+mod commit;
 mod images;
 mod mount;
 
@@ -54,6 +55,72 @@ pub enum Command {
     /// Unmount an image mounted by rmount.
     #[command(alias = "unmount")]
     Umount(UmountArgs),
+    /// Create a new image from a mount's changes.
+    Commit(CommitArgs),
+    /// Show the changes of a mount against its image (A added, C changed, D deleted).
+    Diff(DiffArgs),
+    /// Write a mount's merged filesystem (or an image's) as one tar.
+    Export(ExportArgs),
+}
+
+/// Layer compressions `rmount commit` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompressionArg {
+    /// gzip (what Docker writes).
+    Gzip,
+    /// zstd.
+    Zstd,
+    /// A plain tar.
+    None,
+}
+
+/// `rmount commit`.
+#[derive(Debug, Args)]
+pub struct CommitArgs {
+    /// The writable mount whose changes become the new layer.
+    #[arg(value_name = "MOUNT")]
+    pub mountpoint: PathBuf,
+    /// Name of the new image (untagged if omitted).
+    #[arg(value_name = "NEWREF")]
+    pub reference: Option<String>,
+    /// Commit message (the history entry's comment).
+    #[arg(short, long)]
+    pub message: Option<String>,
+    /// Author (e.g. "Jane Doe <jane@example.com>").
+    #[arg(short, long)]
+    pub author: Option<String>,
+    /// Apply a Dockerfile instruction to the config (CMD, ENTRYPOINT, ENV,
+    /// EXPOSE, LABEL, USER, WORKDIR, VOLUME, STOPSIGNAL, ONBUILD); repeatable.
+    #[arg(short, long, value_name = "INSTRUCTION")]
+    pub change: Vec<String>,
+    /// Layer compression.
+    #[arg(long, value_enum, default_value_t = CompressionArg::Gzip)]
+    pub compression: CompressionArg,
+    /// Compression level (gzip 0-9, default 6; zstd 1-22, default 3).
+    #[arg(long, value_name = "N", allow_negative_numbers = true)]
+    pub level: Option<i32>,
+}
+
+/// `rmount diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The writable mount.
+    #[arg(value_name = "MOUNT")]
+    pub mountpoint: PathBuf,
+    /// Print JSON (Docker's API form: Path, Kind 0 changed / 1 added / 2 deleted).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `rmount export`.
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// A mount (its merged view) or an image reference.
+    #[arg(value_name = "MOUNT|REF")]
+    pub source: String,
+    /// Output tar file (`-` for stdout).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
 }
 
 /// `rmount load`.
@@ -187,7 +254,7 @@ pub struct UmountArgs {
 
 const SUBCOMMANDS: &[&str] = &[
     "load", "save", "images", "inspect", "history", "tag", "rmi", "prune", "df", "mount", "umount",
-    "unmount", "help",
+    "unmount", "commit", "diff", "export", "help",
 ];
 
 /// Rewrites `rmount [OPTS] REF DIR …` into `rmount [OPTS] mount REF DIR …`.
@@ -251,6 +318,9 @@ pub fn main() -> ExitCode {
         Command::Df(a) => images::df(&root, &a),
         Command::Mount(a) => mount::mount(&root, &a),
         Command::Umount(a) => mount::umount(&root, &a),
+        Command::Commit(a) => commit::commit(&root, &a),
+        Command::Diff(a) => commit::diff(&root, &a),
+        Command::Export(a) => commit::export(&root, &a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

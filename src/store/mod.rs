@@ -24,6 +24,7 @@ mod layout;
 mod mounts;
 mod save;
 mod tags;
+mod write;
 
 pub use archive::{ArchiveFormat, LoadedImage};
 pub use gc::{DiskUsage, PruneReport};
@@ -31,6 +32,7 @@ pub use image::{Image, LayerDesc};
 pub use layout::RefEntry;
 pub use mounts::{process_alive, MountRecord};
 pub use tags::Removal;
+pub use write::BlobWriter;
 
 use crate::digest::Digest;
 use std::path::{Path, PathBuf};

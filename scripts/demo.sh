@@ -2,7 +2,8 @@
 # End to end on a fresh machine: install packages, build rmount, build a
 # Debian image with mmdebstrap + umoci (once, cached by scripts/make-images.sh),
 # load it, mount it, look inside, change it (copy-on-write), unmount, remount
-# and see the change kept, then drop it. Needs root.
+# and see the change kept, commit the changes as a new image, drop them from
+# the mount and mount the new image. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,7 +35,15 @@ chroot "$MNT" /bin/sh -c 'cat /etc/motd; ls -d /home/demo /usr/old-games; ls /us
 echo "== the upper dir, in kernel overlayfs format (whiteouts are char devices 0/0)"
 UPPER=$(python3 -c 'import json,glob; print(json.load(open(glob.glob("/var/lib/rmount/mounts/*.json")[0]))["upper"])' 2>/dev/null || true)
 [[ -n $UPPER ]] && ls -la "$UPPER/usr" "$UPPER/usr/share" | head -20
-echo "== rmount umount --discard $MNT: the changes are dropped"
+echo "== rmount diff $MNT, then commit the changes as a new image"
+"$RMOUNT" diff "$MNT" | head -8
+"$RMOUNT" commit "$MNT" localhost/debian:changed -m "rmount demo" -c 'CMD ["cat", "/etc/motd"]'
+echo "== rmount umount --discard $MNT: the changes are dropped from the mount…"
 "$RMOUNT" umount --discard "$MNT"
+echo "== …but kept in the committed image, mounted read-only"
+"$RMOUNT" images
+"$RMOUNT" localhost/debian:changed "$MNT" --read-only
+chroot "$MNT" /bin/sh -c 'cat /etc/motd; ls -d /home/demo /usr/old-games'
+"$RMOUNT" umount "$MNT"
 trap 'rmdir "$MNT"' EXIT
 echo "demo done"

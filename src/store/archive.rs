@@ -315,7 +315,8 @@ impl Store {
 
 /// The name an OCI layout entry gets: `io.containerd.image.name`, a full
 /// reference in `ref.name`, or `localhost/<archive name>:<ref.name>` when
-/// `ref.name` is a bare tag (as `skopeo copy … oci:DIR:TAG` writes it).
+/// `ref.name` is a bare tag (as `skopeo copy … oci:DIR:TAG` writes it), the
+/// archive name lowercased.
 fn oci_name(desc: &Descriptor, stem: &str) -> Option<String> {
     let annotations = desc.annotations().as_ref()?;
     if let Some(full) = annotations.get(CONTAINERD_NAME).and_then(|n| n.parse::<Reference>().ok()) {
@@ -325,6 +326,8 @@ fn oci_name(desc: &Descriptor, stem: &str) -> Option<String> {
     if name.contains('/') || name.contains(':') {
         return name.parse::<Reference>().ok().map(|r| r.to_string());
     }
+    // Repository names are lowercase; a directory called `L` gives `localhost/l`.
+    let stem = stem.to_ascii_lowercase();
     format!("localhost/{stem}:{name}").parse::<Reference>().ok().map(|r| r.to_string())
 }
 

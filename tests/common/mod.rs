@@ -498,21 +498,7 @@ pub fn describe_tree(root: &Path) -> BTreeMap<String, String> {
         let key = rel.to_string_lossy().into_owned();
         let m = std::fs::symlink_metadata(&path).unwrap();
         let ft = m.file_type();
-        let kind = if ft.is_dir() {
-            "dir"
-        } else if ft.is_file() {
-            "file"
-        } else if ft.is_symlink() {
-            "link"
-        } else if ft.is_char_device() {
-            "chr"
-        } else if ft.is_block_device() {
-            "blk"
-        } else if ft.is_fifo() {
-            "fifo"
-        } else {
-            "other"
-        };
+        let kind = kind_name(&ft);
         let mut line = format!(
             "{kind} mode={:o} uid={} gid={} mtime={}",
             m.mode() & 0o7777,
@@ -580,4 +566,23 @@ pub fn pseudo_random(len: usize, seed: u64) -> Vec<u8> {
 /// A fresh temp dir under /tmp (not under the repo: mounts live here).
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("rmount-test-").tempdir().unwrap()
+}
+
+/// A file type's short name, as tree descriptions show it.
+pub fn kind_name(ft: &std::fs::FileType) -> &'static str {
+    if ft.is_dir() {
+        "dir"
+    } else if ft.is_file() {
+        "file"
+    } else if ft.is_symlink() {
+        "link"
+    } else if ft.is_char_device() {
+        "chr"
+    } else if ft.is_block_device() {
+        "blk"
+    } else if ft.is_fifo() {
+        "fifo"
+    } else {
+        "sock"
+    }
 }

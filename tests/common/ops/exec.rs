@@ -13,6 +13,7 @@ use rustix::fs::{
 use rustix::io::Errno;
 
 use super::{Falloc, HoldHow, Op, RenameHow, WriteAt, XattrHow, SLOTS};
+use crate::common::kind_name;
 
 /// Why an op produced no `ok`: an errno, or a note (no fd in a slot, a
 /// special file the harness will not open).
@@ -423,24 +424,6 @@ pub fn errno_name(e: Errno) -> String {
         .iter()
         .find(|(k, _)| *k == e)
         .map_or_else(|| format!("errno {}", e.raw_os_error()), |(_, n)| n.to_string())
-}
-
-fn kind_name(ft: &std::fs::FileType) -> &'static str {
-    if ft.is_dir() {
-        "dir"
-    } else if ft.is_file() {
-        "file"
-    } else if ft.is_symlink() {
-        "link"
-    } else if ft.is_char_device() {
-        "chr"
-    } else if ft.is_block_device() {
-        "blk"
-    } else if ft.is_fifo() {
-        "fifo"
-    } else {
-        "sock"
-    }
 }
 
 fn type_name(ft: FileType) -> &'static str {

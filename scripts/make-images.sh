@@ -12,6 +12,7 @@
 # Usage: scripts/make-images.sh debian|synthetic|debian-tools|writebench   (prints the layout path)
 set -euo pipefail
 CACHE=${RMOUNT_IMAGE_CACHE:-/var/cache/rmount-images}
+SCRIPTS=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$CACHE"
 
 # debian_layout NAME TAG MOTD [MMDEBSTRAP-ARGS…]: bookworm minbase (plus
@@ -45,71 +46,24 @@ debian_tools() {
     --include=git,ca-certificates
 }
 
-synthetic() {
-  local out=$CACHE/synthetic work=$CACHE/work-synthetic
+# generated_layout NAME TAG: one gzip layer of files from fill-rootfs.py NAME.
+generated_layout() {
+  local name=$1 tag=$2
+  local out=$CACHE/$name work=$CACHE/work-$name
   [[ -f $out/index.json ]] && return
   rm -rf "$work" && mkdir -p "$work"
-  umoci init --layout "$work/synthetic"
-  umoci new --image "$work/synthetic:bench"
-  umoci unpack --image "$work/synthetic:bench" "$work/b"
-  python3 - "$work/b/rootfs" <<'PY'
-import os, random, sys
-root = sys.argv[1]
-rng = random.Random(42)
-words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"\n", b"epsilon "]
-for d in range(500):
-    path = os.path.join(root, "tree", f"d{d:03}")
-    os.makedirs(path)
-    for f in range(100):
-        size = rng.randrange(0, 8192)
-        data = b"".join(rng.choice(words) for _ in range(size // 5 + 1))[:size]
-        with open(os.path.join(path, f"f{f:03}"), "wb") as fh:
-            fh.write(data)
-block = b"".join(rng.choice(words) + rng.randbytes(2) for _ in range(200_000))
-with open(os.path.join(root, "big.bin"), "wb") as fh:
-    written = 0
-    while written < 1 << 30:
-        chunk = block[: (1 << 30) - written]
-        fh.write(chunk)
-        written += len(chunk)
-PY
-  umoci repack --image "$work/synthetic:bench" "$work/b"
-  mv "$work/synthetic" "$out"
+  umoci init --layout "$work/img"
+  umoci new --image "$work/img:$tag"
+  umoci unpack --image "$work/img:$tag" "$work/b"
+  python3 "$SCRIPTS/fill-rootfs.py" "$work/b/rootfs" "$name"
+  umoci repack --image "$work/img:$tag" "$work/b"
+  mv "$work/img" "$out"
   rm -rf "$work"
 }
 
-writebench() {
-  local out=$CACHE/writebench work=$CACHE/work-writebench
-  [[ -f $out/index.json ]] && return
-  rm -rf "$work" && mkdir -p "$work"
-  umoci init --layout "$work/writebench"
-  umoci new --image "$work/writebench:write"
-  umoci unpack --image "$work/writebench:write" "$work/b"
-  python3 - "$work/b/rootfs" <<'PY'
-import os, random, sys
-root = sys.argv[1]
-rng = random.Random(7)
-words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"\n", b"epsilon "]
-path = os.path.join(root, "dir5k")
-os.makedirs(path)
-for f in range(5000):
-    size = rng.randrange(0, 8192)
-    data = b"".join(rng.choice(words) for _ in range(size // 5 + 1))[:size]
-    with open(os.path.join(path, f"f{f:04}"), "wb") as fh:
-        fh.write(data)
-# The same kind of content as synthetic's big.bin (gzip: about 45%).
-block = b"".join(rng.choice(words) + rng.randbytes(2) for _ in range(200_000))
-with open(os.path.join(root, "big.bin"), "wb") as fh:
-    written = 0
-    while written < 1 << 30:
-        chunk = block[: (1 << 30) - written]
-        fh.write(chunk)
-        written += len(chunk)
-PY
-  umoci repack --image "$work/writebench:write" "$work/b"
-  mv "$work/writebench" "$out"
-  rm -rf "$work"
-}
+synthetic() { generated_layout synthetic bench; }
+
+writebench() { generated_layout writebench write; }
 
 case "${1:-}" in
   debian | synthetic) "$1"; echo "$CACHE/$1" ;;

@@ -634,7 +634,7 @@ fn commit_killed_midway_leaves_the_store_consistent() {
     let upper = s.dir("crash-upper");
     std::fs::set_permissions(&upper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     run_ok(Command::new("sh").arg("-c").arg(format!(
-        "head -c 400M /dev/urandom > {0}/big && echo small > {0}/small",
+        "head -c 1G /dev/urandom > {0}/big && echo small > {0}/small",
         upper.display()
     )));
     let mnt = s.mount_rw("crash");
@@ -691,5 +691,5 @@ fn commit_killed_midway_leaves_the_store_consistent() {
     commit(&s, &mnt.path, "localhost/crash:two", &["--compression", "zstd"]);
     assert_refs_complete(&s.store);
     let ro = Mounted::rmount(&s.store, "localhost/crash:two", &s.dir("crash-ro"));
-    assert_eq!(std::fs::metadata(ro.path.join("big")).unwrap().len(), 400 << 20);
+    assert_eq!(std::fs::metadata(ro.path.join("big")).unwrap().len(), 1 << 30);
 }

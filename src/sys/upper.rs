@@ -32,7 +32,6 @@ use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::SystemTime;
 
@@ -457,11 +456,6 @@ pub struct Caps {
     /// `CAP_SYS_ADMIN`), else `"user.overlay."` as for overlayfs'
     /// `userxattr` option.
     pub xattr_prefix: &'static str,
-    /// [`Dir::whiteout`] works (`mknod` of a 0/0 character device).
-    pub whiteout_mknod: bool,
-    /// `renameat2(RENAME_WHITEOUT)` works natively, so [`Rename::Whiteout`]
-    /// is atomic.
-    pub rename_whiteout: bool,
 }
 
 impl Caps {
@@ -480,8 +474,6 @@ impl Caps {
             } else {
                 "user.overlay."
             },
-            whiteout_mknod: probe_whiteout(&dir),
-            rename_whiteout: probe_rename_whiteout(&dir),
         });
         let removed = work.remove_all(&scratch);
         let caps = caps?;
@@ -493,56 +485,6 @@ impl Caps {
 fn probe_trusted_xattr(dir: &Dir) -> bool {
     let key = OsStr::new("trusted.overlay.rmount-probe");
     dir.set_xattr(OsStr::new(""), key, b"y", XattrFlags::empty()).is_ok()
-}
-
-fn probe_whiteout(dir: &Dir) -> bool {
-    let name = OsStr::new("whiteout");
-    dir.whiteout(name).is_ok() && dir.stat(name).is_ok_and(|st| is_whiteout(&st))
-}
-
-fn probe_rename_whiteout(dir: &Dir) -> bool {
-    let (from, to) = (OsStr::new("renamed"), OsStr::new("renamed-to"));
-    let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL;
-    dir.open_file(from, flags, 0o600).is_ok()
-        && dir.rename_raw(from, dir, to, RenameFlags::WHITEOUT).is_ok()
-        && dir.stat(from).is_ok_and(|st| is_whiteout(&st))
-}
-
-/// Copies bytes `0..len` of `from` to the same offsets of `to`, with
-/// `copy_file_range` (which may share extents) where the filesystem allows,
-/// else with reads and writes. File positions are not used or moved.
-/// Returns the number of bytes copied, less than `len` if `from` is shorter.
-pub fn copy_data(from: &File, to: &File, len: u64) -> io::Result<u64> {
-    let (mut off_in, mut off_out) = (0u64, 0u64);
-    while off_in < len {
-        let chunk = usize::try_from(len - off_in).unwrap_or(usize::MAX).min(1 << 30);
-        match rustix::fs::copy_file_range(from, Some(&mut off_in), to, Some(&mut off_out), chunk) {
-            Ok(0) => break,
-            Ok(_) | Err(Errno::INTR) => {}
-            Err(Errno::XDEV | Errno::INVAL | Errno::NOSYS | Errno::OPNOTSUPP) => {
-                return copy_plain(from, to, off_in, len);
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Ok(off_in)
-}
-
-/// The read/write fallback of [`copy_data`], from offset `pos` on.
-fn copy_plain(from: &File, to: &File, mut pos: u64, len: u64) -> io::Result<u64> {
-    let mut buf = vec![0; 256 << 10];
-    while pos < len {
-        let want = usize::try_from(len - pos).unwrap_or(usize::MAX).min(buf.len());
-        let n = match from.read_at(&mut buf[..want], pos) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        to.write_all_at(&buf[..n], pos)?;
-        pos += n as u64;
-    }
-    Ok(pos)
 }
 
 #[cfg(test)]
@@ -926,28 +868,6 @@ mod tests {
     }
 
     #[test]
-    fn copy_data_copies() {
-        let (_tmp, dir) = setup();
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        create(&dir, "src", &data);
-        let rw = OFlags::RDWR | OFlags::CREATE | OFlags::EXCL;
-        let from = dir.open_file(n("src"), OFlags::RDONLY, 0).unwrap();
-        let to = dir.open_file(n("dst"), rw, 0o644).unwrap();
-        assert_eq!(copy_data(&from, &to, data.len() as u64).unwrap(), data.len() as u64);
-        let mut got = Vec::new();
-        dir.open_file(n("dst"), OFlags::RDONLY, 0).unwrap().read_to_end(&mut got).unwrap();
-        assert!(got == data);
-        // A short source copies what there is; len 0 copies nothing.
-        let short = dir.open_file(n("short"), rw, 0o644).unwrap();
-        assert_eq!(copy_data(&from, &short, 10).unwrap(), 10);
-        let to = dir.open_file(n("dst2"), rw, 0o644).unwrap();
-        assert_eq!(copy_data(&short, &to, 100).unwrap(), 10);
-        assert_eq!(copy_data(&from, &to, 0).unwrap(), 0);
-        assert_eq!(copy_plain(&from, &to, 0, 1000).unwrap(), 1000);
-        assert_eq!(dir.stat(n("dst2")).unwrap().st_size, 1000);
-    }
-
-    #[test]
     fn caps_probe() {
         let (_tmp, dir) = setup();
         let caps = Caps::probe(&dir).unwrap();
@@ -956,8 +876,6 @@ mod tests {
             return;
         }
         // ext4/tmpfs as root support everything.
-        let all =
-            Caps { xattr_prefix: "trusted.overlay.", whiteout_mknod: true, rename_whiteout: true };
-        assert_eq!(caps, all);
+        assert_eq!(caps, Caps { xattr_prefix: "trusted.overlay." });
     }
 }

@@ -35,7 +35,6 @@ use rustix::fs::Stat;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -637,9 +636,4 @@ fn clear_work_dir(work: &Dir) -> Result<(), FsError> {
         work.remove_all(&name)?;
     }
     Ok(())
-}
-
-/// True if `path` looks like an upper directory left by an earlier mount.
-pub fn has_changes(upper: &Path) -> bool {
-    std::fs::read_dir(upper).is_ok_and(|mut d| d.next().is_some())
 }

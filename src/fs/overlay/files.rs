@@ -119,7 +119,7 @@ impl Overlay {
         let writes = flags.intersects(OFlags::WRONLY | OFlags::RDWR);
         let truncates = flags.contains(OFlags::TRUNC);
         let mut st = self.lock();
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         if node.is_dir {
             return Err(FsError::IsDir);
         }
@@ -243,8 +243,7 @@ impl Overlay {
     /// Changes attributes of `ino`. Only a size change copies data up.
     pub fn set_attr(&self, ino: u64, fh: Option<u64>, set: SetAttr) -> Result<FileAttr, FsError> {
         let mut st = self.lock();
-        let node = st.node(ino)?.clone();
-        if node.links.is_empty() {
+        if st.node(ino)?.links.is_empty() {
             drop(st);
             return self.set_attr_unlinked(ino, fh, set);
         }
@@ -306,7 +305,7 @@ impl Overlay {
             return Err(FsError::NoAttr);
         }
         let mut st = self.lock();
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         if node.upper == Upper::Absent {
             return Ok(self.lower.xattr(node.lower.ok_or(FsError::NotFound)?, key)?.to_vec());
         }
@@ -317,7 +316,7 @@ impl Overlay {
     /// The names of `ino`'s xattrs, NUL-separated.
     pub fn xattr_names(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         let mut st = self.lock();
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         if node.upper == Upper::Absent {
             return self.lower.xattr_names(node.lower.ok_or(FsError::NotFound)?);
         }
@@ -343,7 +342,7 @@ impl Overlay {
             return Err(FsError::NotPermitted);
         }
         let mut st = self.lock();
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         if let (None, Upper::Absent, Some(lower)) = (value, node.upper, node.lower) {
             // Removing what is not there must not copy anything up.
             self.lower.xattr(lower, key)?;

@@ -78,6 +78,14 @@ impl Node {
     }
 }
 
+/// The copyable part of a [`Node`]: all most requests need of it.
+#[derive(Debug, Clone, Copy)]
+struct Facts {
+    lower: Option<u64>,
+    upper: Upper,
+    is_dir: bool,
+}
+
 /// The node table. Guarded by [`Overlay::state`].
 struct State {
     nodes: HashMap<u64, Node>,
@@ -96,6 +104,11 @@ const SPARE_INOS: u64 = 1 << 62;
 impl State {
     fn node(&self, ino: u64) -> Result<&Node, FsError> {
         self.nodes.get(&ino).ok_or(FsError::NotFound)
+    }
+
+    fn facts(&self, ino: u64) -> Result<Facts, FsError> {
+        let node = self.node(ino)?;
+        Ok(Facts { lower: node.lower, upper: node.upper, is_dir: node.is_dir })
     }
 
     fn node_mut(&mut self, ino: u64) -> Result<&mut Node, FsError> {
@@ -300,10 +313,11 @@ impl Overlay {
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The lower inode named `name` in the lower directory merged under `dir`.
-    fn lower_child(&self, dir: &Node, name: &OsStr) -> Option<u64> {
+    /// The lower inode named `name` in `dir_lower`, the lower directory
+    /// merged under a directory.
+    fn lower_child(&self, dir_lower: Option<u64>, name: &OsStr) -> Option<u64> {
         let name = std::str::from_utf8(name.as_bytes()).ok()?;
-        self.lower.tree().lookup(dir.lower?, name)
+        self.lower.tree().lookup(dir_lower?, name)
     }
 
     fn lower_is_dir(&self, ino: u64) -> bool {
@@ -313,7 +327,12 @@ impl Overlay {
     /// The lower object a `redirect` xattr names: an absolute path from the
     /// layer root, or a name in the parent's lower directory. It must be a
     /// directory for a directory (`want_dir`), a non-directory otherwise.
-    fn lower_by_redirect(&self, parent: &Node, redirect: &[u8], want_dir: bool) -> Option<u64> {
+    fn lower_by_redirect(
+        &self,
+        parent_lower: Option<u64>,
+        redirect: &[u8],
+        want_dir: bool,
+    ) -> Option<u64> {
         let target = match redirect.strip_prefix(b"/") {
             Some(path) => {
                 let path = std::str::from_utf8(path).ok()?;
@@ -321,7 +340,7 @@ impl Overlay {
                     .filter(|c| !c.is_empty())
                     .try_fold(ROOT_INO, |dir, name| self.lower.tree().lookup(dir, name))
             }
-            None => self.lower_child(parent, OsStr::from_bytes(redirect)),
+            None => self.lower_child(parent_lower, OsStr::from_bytes(redirect)),
         }?;
         (self.lower_is_dir(target) == want_dir).then_some(target)
     }
@@ -374,11 +393,11 @@ impl Overlay {
     /// Resolves `name` in directory `parent` the way overlayfs does and
     /// returns its inode, adding it to the node table.
     fn resolve(&self, st: &mut State, parent: u64, name: &OsStr) -> Result<u64, FsError> {
-        let dir_node = st.node(parent)?.clone();
+        let dir_node = st.facts(parent)?;
         if !dir_node.is_dir {
             return Err(FsError::NotDir);
         }
-        let lower_child = self.lower_child(&dir_node, name);
+        let lower_child = self.lower_child(dir_node.lower, name);
         if dir_node.upper == Upper::Full {
             let dir = self.upper_dir(st, parent)?;
             match dir.stat(name) {
@@ -390,7 +409,7 @@ impl Overlay {
                         name,
                         &dir,
                         &stat,
-                        &dir_node,
+                        dir_node.lower,
                         lower_child,
                     )
                 }
@@ -425,7 +444,7 @@ impl Overlay {
         name: &OsStr,
         dir: &Dir,
         stat: &Stat,
-        dir_node: &Node,
+        dir_lower: Option<u64>,
         lower_child: Option<u64>,
     ) -> Result<u64, FsError> {
         let is_dir = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_dir();
@@ -435,14 +454,14 @@ impl Overlay {
                 if dir.get_xattr(name, &self.upper.xattr("opaque"))?.as_deref() == Some(b"y") {
                     None
                 } else if let Some(redirect) = redirect(self)? {
-                    self.lower_by_redirect(dir_node, &redirect, true)
+                    self.lower_by_redirect(dir_lower, &redirect, true)
                 } else {
                     lower_child.filter(|&l| self.lower_is_dir(l))
                 };
             (lower, Upper::Full)
         } else if dir.get_xattr(name, &self.upper.xattr("metacopy"))?.is_some() {
             let lower = match redirect(self)? {
-                Some(redirect) => self.lower_by_redirect(dir_node, &redirect, false),
+                Some(redirect) => self.lower_by_redirect(dir_lower, &redirect, false),
                 None => lower_child.filter(|&l| !self.lower_is_dir(l)),
             };
             (lower, if lower.is_some() { Upper::Meta } else { Upper::Full })
@@ -527,7 +546,7 @@ impl Overlay {
     }
 
     fn attr_locked(&self, st: &mut State, ino: u64) -> Result<FileAttr, FsError> {
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         match node.upper {
             Upper::Absent => self.lower.attr(node.lower.ok_or(FsError::NotFound)?),
             Upper::Meta | Upper::Full => {
@@ -549,7 +568,7 @@ impl Overlay {
     /// The names directory `ino` shows, sorted: its upper entries that are
     /// not whiteouts, then the merged lower's entries not hidden by them.
     fn names(&self, st: &mut State, ino: u64) -> Result<Vec<OsString>, FsError> {
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         if !node.is_dir {
             return Err(FsError::NotDir);
         }
@@ -611,7 +630,7 @@ impl Overlay {
     /// The target of symlink `ino`.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
         let mut st = self.lock();
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         match node.upper {
             Upper::Absent => {
                 Ok(self.lower.readlink(node.lower.ok_or(FsError::NotFound)?)?.to_vec())

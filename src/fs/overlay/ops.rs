@@ -112,7 +112,7 @@ impl Overlay {
         caller: Caller,
     ) -> Result<(FileAttr, Option<u64>), FsError> {
         let mut st = self.lock();
-        let dir_node = st.node(parent)?.clone();
+        let dir_node = st.facts(parent)?;
         if !dir_node.is_dir {
             return Err(FsError::NotDir);
         }
@@ -121,7 +121,9 @@ impl Overlay {
         let over_whiteout = match stat_opt(&dir, name)? {
             Some(stat) if is_whiteout(&stat) => true,
             Some(_) => return Err(FsError::Exists),
-            None if self.lower_child(&dir_node, name).is_some() => return Err(FsError::Exists),
+            None if self.lower_child(dir_node.lower, name).is_some() => {
+                return Err(FsError::Exists)
+            }
             None => false,
         };
         let parent_stat = dir.stat(OsStr::new(""))?;
@@ -206,7 +208,7 @@ impl Overlay {
     /// Does a lower name show through at `name` in `parent` (so removing the
     /// name needs a whiteout)?
     fn needs_whiteout(&self, st: &State, parent: u64, name: &OsStr) -> Result<bool, FsError> {
-        Ok(self.lower_child(st.node(parent)?, name).is_some())
+        Ok(self.lower_child(st.node(parent)?.lower, name).is_some())
     }
 
     /// Removes the non-directory `name` from `parent`.
@@ -281,7 +283,7 @@ impl Overlay {
         parent: u64,
         name: &OsStr,
     ) -> Result<(), FsError> {
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         if !node.is_dir {
             self.copy_up(st, ino, Content::Metadata)?;
             return self.redirect_metacopy(st, ino);
@@ -306,7 +308,7 @@ impl Overlay {
     /// Gives metacopy file `ino` a `redirect` to its lower data, so it is
     /// found under any name (after a rename or link). Other files: nothing.
     fn redirect_metacopy(&self, st: &mut State, ino: u64) -> Result<(), FsError> {
-        let node = st.node(ino)?.clone();
+        let node = st.facts(ino)?;
         let (Upper::Meta, Some(lower)) = (node.upper, node.lower) else { return Ok(()) };
         let (dir, name) = self.upper_location(st, ino)?;
         let path = self.lower_path(lower).ok_or(FsError::NotFound)?;

@@ -9,10 +9,13 @@
 //! | [`digest`] | content digests (`sha256:…`), hashing readers/writers |
 //! | [`durable`] | the one helper for durable writes: temp file → fsync → rename |
 //! | [`reference`] | parsing and normalising image references like Docker does |
+//! | [`platform`] | `os/arch[/variant]` and choosing a manifest from an index |
+//! | [`registry`] | the OCI Distribution client: auth, manifests, resuming blob downloads, uploads, mirrors |
 //! | [`store`] | the local content-addressed store in OCI image-layout form, archives, GC |
 //! | [`layer`] | one pass over a layer blob into a [`layer::LayerIndex`]; random access into gzip/zstd/plain blobs |
 //! | [`cache`] | the bounded in-memory LRU of decompressed spans, single-flight |
 //! | [`fs`] | the union tree of a layer stack, the writable overlay over an upper dir, the FUSE adapters, mount/umount |
+//! | [`transfer`] | `pull` (registry → store, indexing as it streams) and `push` (store → registry) |
 //! | [`commit`] | a mount's upper layer as a new layer and image (`commit`), its changes (`diff`), the merged tree as one tar (`export`) |
 //! | [`cli`] | argument parsing and human/JSON output only |
 //!
@@ -27,6 +30,9 @@ pub mod digest;
 pub mod durable;
 pub mod fs;
 pub mod layer;
+pub mod platform;
 pub mod reference;
+pub mod registry;
 pub mod store;
 pub mod sys;
+pub mod transfer;

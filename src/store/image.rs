@@ -4,6 +4,7 @@
 use super::layout::oci_digest;
 use super::{RefEntry, Store, StoreError};
 use crate::digest::Digest;
+use crate::platform::Platform;
 use crate::reference::Reference;
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 
@@ -111,7 +112,7 @@ impl Store {
         if is_index(media_type, &json) {
             let index: ImageIndex =
                 serde_json::from_value(json).map_err(|e| invalid(format!("index {digest}"), e))?;
-            let chosen = choose_platform(&index).ok_or_else(|| {
+            let chosen = Platform::host().choose(&index).ok_or_else(|| {
                 invalid(format!("index {digest}"), "no manifest for this platform")
             })?;
             let child = oci_digest(chosen)?;
@@ -166,26 +167,4 @@ impl Store {
         }
         Ok(())
     }
-}
-
-/// The host's OCI architecture name.
-pub fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        other => other,
-    }
-}
-
-fn choose_platform(index: &ImageIndex) -> Option<&oci_spec::image::Descriptor> {
-    let manifests = index.manifests();
-    manifests
-        .iter()
-        .find(|d| {
-            d.platform().as_ref().is_some_and(|p| {
-                p.os().to_string() == "linux" && p.architecture().to_string() == host_arch()
-            })
-        })
-        .or_else(|| manifests.iter().find(|d| d.platform().is_none()))
 }

@@ -5,6 +5,7 @@
 mod commit;
 mod images;
 mod mount;
+mod registry;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::PathBuf;
@@ -32,6 +33,14 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Pull an image from a registry into the store.
+    Pull(PullArgs),
+    /// Push an image from the store to a registry.
+    Push(PushArgs),
+    /// Log in to a registry (stores credentials where Docker does).
+    Login(LoginArgs),
+    /// Log out of a registry (removes the stored credentials).
+    Logout(LogoutArgs),
     /// Load images from an OCI layout (directory or tar) or a `docker save` tarball.
     Load(LoadArgs),
     /// Save images to a tar archive (OCI layout or `docker save` format).
@@ -61,6 +70,108 @@ pub enum Command {
     Diff(DiffArgs),
     /// Write a mount's merged filesystem (or an image's) as one tar.
     Export(ExportArgs),
+}
+
+/// How to reach registries; shared by pull, push and login.
+#[derive(Debug, Args)]
+pub struct RegistryArgs {
+    /// Use plain HTTP for this registry (host[:port]); repeatable. Loopback
+    /// registries (localhost, 127.0.0.1) use plain HTTP without it.
+    #[arg(long, value_name = "HOST")]
+    pub insecure_registry: Vec<String>,
+    /// Mirror configuration: DIR/<registry>/hosts.toml, containerd's layout
+    /// (see docs/registry.md). [default: /etc/rmount/hosts.d as root,
+    /// $XDG_CONFIG_HOME/rmount/hosts.d otherwise]
+    #[arg(long, env = "RMOUNT_HOSTS_DIR", value_name = "DIR")]
+    pub hosts_dir: Option<PathBuf>,
+    /// Credentials file. [default: $REGISTRY_AUTH_FILE, else
+    /// $DOCKER_CONFIG/config.json, else ~/.docker/config.json]
+    #[arg(long, value_name = "FILE")]
+    pub authfile: Option<PathBuf>,
+}
+
+/// `rmount pull`.
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Image to pull, e.g. `nginx:1.27` or `127.0.0.1:5000/team/app@sha256:…`.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Platform of a multi-platform image (os/arch[/variant]). [default: the host's]
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// Pull every platform of a multi-platform image.
+    #[arg(short, long, conflicts_with = "platform")]
+    pub all_platforms: bool,
+    /// Layers downloaded at once.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub max_concurrent_downloads: usize,
+    /// No progress output.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// How to reach the registry.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `rmount push`.
+#[derive(Debug, Args)]
+pub struct PushArgs {
+    /// Stored image to push.
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Where to push it. [default: REF]
+    #[arg(value_name = "DEST")]
+    pub destination: Option<String>,
+    /// Upload blobs larger than this in chunks of this many bytes
+    /// (PATCH requests) instead of in one request.
+    #[arg(long, value_name = "BYTES")]
+    pub chunk_size: Option<u64>,
+    /// Blobs uploaded at once.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub max_concurrent_uploads: usize,
+    /// No progress output.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// How to reach the registry.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `rmount login`.
+#[derive(Debug, Args)]
+pub struct LoginArgs {
+    /// Registry host, e.g. `registry.example.com` or `127.0.0.1:5000`. [default: docker.io]
+    #[arg(value_name = "REGISTRY")]
+    pub server: Option<String>,
+    /// Username (asked for when omitted).
+    #[arg(short, long)]
+    pub username: Option<String>,
+    /// Password (visible in `ps`; prefer --password-stdin).
+    #[arg(short, long, conflicts_with = "password_stdin")]
+    pub password: Option<String>,
+    /// Read the password from standard input.
+    #[arg(long)]
+    pub password_stdin: bool,
+    /// How to reach the registry.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `rmount logout`.
+#[derive(Debug, Args)]
+pub struct LogoutArgs {
+    /// Registry host. [default: docker.io]
+    #[arg(value_name = "REGISTRY")]
+    pub server: Option<String>,
+    /// Credentials file (as for login).
+    #[arg(long, value_name = "FILE")]
+    pub authfile: Option<PathBuf>,
 }
 
 /// Layer compressions `rmount commit` writes.
@@ -253,8 +364,8 @@ pub struct UmountArgs {
 }
 
 const SUBCOMMANDS: &[&str] = &[
-    "load", "save", "images", "inspect", "history", "tag", "rmi", "prune", "df", "mount", "umount",
-    "unmount", "commit", "diff", "export", "help",
+    "pull", "push", "login", "logout", "load", "save", "images", "inspect", "history", "tag",
+    "rmi", "prune", "df", "mount", "umount", "unmount", "commit", "diff", "export", "help",
 ];
 
 /// Rewrites `rmount [OPTS] REF DIR …` into `rmount [OPTS] mount REF DIR …`.
@@ -307,6 +418,10 @@ pub fn main() -> ExitCode {
     init_logging(cli.verbose);
     let root = cli.root.clone().unwrap_or_else(default_root);
     let result = match cli.command {
+        Command::Pull(a) => registry::pull(&root, &a),
+        Command::Push(a) => registry::push(&root, &a),
+        Command::Login(a) => registry::login(&a),
+        Command::Logout(a) => registry::logout(&a),
         Command::Load(a) => images::load(&root, &a),
         Command::Save(a) => images::save(&root, &a),
         Command::Images(a) => images::list(&root, &a),

@@ -138,7 +138,16 @@ impl Auth {
         if let Some(known) = self.lock().credentials.get(host) {
             return Ok(known.clone());
         }
-        let found = self.file.get(host)?;
+        let found = match self.file.get(host) {
+            Ok(found) => found,
+            // A configured helper that is not installed: go anonymous, as
+            // public images need no credentials, but say why.
+            Err(e @ super::CredentialError::Helper { .. }) => {
+                tracing::warn!(registry = host, error = %e, "no credentials");
+                None
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.lock().credentials.insert(host.to_string(), found.clone());
         Ok(found)
     }
@@ -275,9 +284,13 @@ fn fetch_token(
     let parsed: TokenResponse = serde_json::from_slice(&body).map_err(|e| {
         RegistryError::Invalid { what: format!("token from {realm}"), reason: e.to_string() }
     })?;
-    let value = parsed.token.or(parsed.access_token).filter(|t| !t.is_empty()).ok_or_else(|| {
-        RegistryError::Invalid { what: format!("token from {realm}"), reason: "no token".into() }
-    })?;
+    let value =
+        parsed.token.or(parsed.access_token).filter(|t| !t.is_empty()).ok_or_else(|| {
+            RegistryError::Invalid {
+                what: format!("token from {realm}"),
+                reason: "no token".into(),
+            }
+        })?;
     let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(DEFAULT_TOKEN_LIFETIME));
     // Refresh a fifth early (at most 30 s), counted from when we asked.
     let margin = (lifetime / 5).min(Duration::from_secs(30));

@@ -131,8 +131,10 @@ impl BlobStream {
             _ => {
                 let mut response = check(response, &url)?;
                 // The server ignored Range: skip what we already have.
-                let skipped = io::copy(&mut (&mut response).take(self.offset), &mut io::sink())
-                    .map_err(|e| RegistryError::Unreachable { url: url.clone(), reason: e.to_string() })?;
+                let skipped =
+                    io::copy(&mut (&mut response).take(self.offset), &mut io::sink()).map_err(
+                        |e| RegistryError::Unreachable { url: url.clone(), reason: e.to_string() },
+                    )?;
                 if skipped < self.offset {
                     return Err(RegistryError::Invalid {
                         what: url,

@@ -277,7 +277,8 @@ impl Repository {
     ) -> Result<Manifest, RegistryError> {
         let url = self.url(endpoint, &format!("manifests/{reference}"));
         let accept = MANIFEST_MEDIA_TYPES.join(", ");
-        let response = self.send(endpoint, None, &url, &|http| http.get(&url).header(ACCEPT, &accept))?;
+        let response =
+            self.send(endpoint, None, &url, &|http| http.get(&url).header(ACCEPT, &accept))?;
         if response.status() == StatusCode::NOT_FOUND {
             let body = response.bytes().unwrap_or_default();
             return Err(RegistryError::NotFound {
@@ -293,9 +294,10 @@ impl Repository {
         let content_type = header(CONTENT_TYPE.as_str());
         let announced = header("docker-content-digest");
         let mut bytes = Vec::new();
-        response.take(MAX_MANIFEST_SIZE + 1).read_to_end(&mut bytes).map_err(|e| {
-            RegistryError::Unreachable { url: url.clone(), reason: e.to_string() }
-        })?;
+        response
+            .take(MAX_MANIFEST_SIZE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| RegistryError::Unreachable { url: url.clone(), reason: e.to_string() })?;
         if bytes.len() as u64 > MAX_MANIFEST_SIZE {
             return Err(RegistryError::Invalid {
                 what: format!("manifest {reference}"),
@@ -306,10 +308,16 @@ impl Repository {
         let what = format!("manifest {} of {}", reference, self.full_name());
         for wanted in expected.map(Digest::to_string).into_iter().chain(announced) {
             if wanted != digest.to_string() {
-                return Err(RegistryError::DigestMismatch { what, expected: wanted, actual: digest });
+                return Err(RegistryError::DigestMismatch {
+                    what,
+                    expected: wanted,
+                    actual: digest,
+                });
             }
         }
-        let media_type = match content_type.map(|t| t.split(';').next().unwrap_or("").trim().to_string()) {
+        let media_type = match content_type
+            .map(|t| t.split(';').next().unwrap_or("").trim().to_string())
+        {
             Some(t) if MANIFEST_MEDIA_TYPES.contains(&t.as_str()) => t,
             _ => media_type_of(&bytes).ok_or_else(|| RegistryError::Invalid {
                 what: what.clone(),

@@ -32,7 +32,7 @@ pub use client::{Action, Client, ClientOptions, Manifest, Repository};
 pub use credentials::{AuthFile, Credential, CredentialError};
 pub use hosts::{is_loopback, Capability, Endpoint, Hosts};
 pub use transport::RetryPolicy;
-// pub use upload::BlobPush;
+pub use upload::{BlobPush, BlobPushed};
 
 use crate::digest::Digest;
 
@@ -110,7 +110,9 @@ pub enum RegistryError {
         reason: String,
     },
     /// No manifest for the wanted platform.
-    #[error("{reference} has no image for {wanted} (it has: {available}); choose one with --platform")]
+    #[error(
+        "{reference} has no image for {wanted} (it has: {available}); choose one with --platform"
+    )]
     NoPlatform {
         /// The image.
         reference: String,

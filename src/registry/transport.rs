@@ -46,8 +46,7 @@ pub(super) struct Transport {
 
 /// Statuses worth retrying: the server is overloaded or briefly broken.
 fn transient(status: StatusCode) -> bool {
-    status == StatusCode::TOO_MANY_REQUESTS
-        || matches!(status.as_u16(), 500 | 502 | 503 | 504)
+    status == StatusCode::TOO_MANY_REQUESTS || matches!(status.as_u16(), 500 | 502 | 503 | 504)
 }
 
 /// `Retry-After: <seconds>`; the HTTP-date form falls back to backoff.

@@ -1,0 +1,249 @@
+//! `pull`: resolve a reference in a registry, choose the platform, and
+//! bring the config and every missing layer into the store — layers in
+//! parallel, each indexed while it streams in (the same single pass `load`
+//! uses), so the blob is read once and its index is ready for an instant
+//! mount. A layer becomes visible in the store only after its digest checked
+//! out; the manifest and the tag are written last, so an interrupted pull
+//! leaves at most unreferenced blobs.
+
+use super::{BlobOutcome, Progress, TransferError};
+use crate::digest::Digest;
+use crate::durable::AtomicFile;
+use crate::layer::{build_index, save_index};
+use crate::platform::{describe, Platform};
+use crate::reference::Reference;
+use crate::registry::{Action, Client, Manifest, Repository};
+use crate::store::{io_err, RefEntry, Store};
+use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// How to pull.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// The platform to pick from a multi-platform image.
+    pub platform: Platform,
+    /// Pull every platform of an index (and tag the index itself).
+    pub all_platforms: bool,
+    /// Layers downloaded at once.
+    pub jobs: usize,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self { platform: Platform::host(), all_platforms: false, jobs: 3 }
+    }
+}
+
+/// What a pull stored.
+#[derive(Debug, Clone)]
+pub struct Pulled {
+    /// The normalised reference, as tagged in the store (`None` when pulled by digest only).
+    pub reference: Option<String>,
+    /// Digest of what the reference names (an index for multi-platform images).
+    pub digest: Digest,
+    /// The platform manifest that was pulled (equals `digest` for a single-platform image).
+    pub manifest: Digest,
+    /// The image id (config digest) of that manifest.
+    pub id: Digest,
+}
+
+fn invalid(what: impl Into<String>, reason: impl ToString) -> TransferError {
+    TransferError::Invalid { what: what.into(), reason: reason.to_string() }
+}
+
+/// Pulls `reference` into `store`.
+pub fn pull(
+    store: &Store,
+    client: &Client,
+    reference: &Reference,
+    options: &PullOptions,
+    progress: &dyn Progress,
+) -> Result<Pulled, TransferError> {
+    let repository = client.repository(reference, Action::Pull)?;
+    let wanted = match (&reference.digest, &reference.tag) {
+        (Some(digest), _) => digest.to_string(),
+        (None, Some(tag)) => tag.clone(),
+        (None, None) => "latest".to_string(),
+    };
+    let top = repository.manifest(&wanted)?;
+    let (chosen, tagged) = if top.is_index() {
+        let index: ImageIndex = serde_json::from_slice(&top.bytes)
+            .map_err(|e| invalid(format!("index {}", top.digest), e))?;
+        let children = if options.all_platforms {
+            index.manifests().iter().filter(|d| !is_attestation(d)).collect()
+        } else {
+            vec![options.platform.choose(&index).ok_or_else(|| {
+                crate::registry::RegistryError::NoPlatform {
+                    reference: reference.to_string(),
+                    wanted: options.platform.to_string(),
+                    available: index
+                        .manifests()
+                        .iter()
+                        .map(describe)
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                }
+            })?]
+        };
+        let mut pulled = Vec::new();
+        for child in children {
+            let digest = descriptor_digest(child)?;
+            let manifest = repository.manifest(&digest.to_string())?;
+            let id = pull_image(store, &repository, &manifest, options.jobs, progress)?;
+            pulled.push((manifest, id));
+        }
+        if options.all_platforms {
+            store.put_blob_bytes(&top.bytes)?;
+            let host = options.platform.choose(&index).map(descriptor_digest).transpose()?;
+            let chosen = pulled
+                .iter()
+                .find(|(m, _)| Some(&m.digest) == host.as_ref())
+                .or(pulled.first())
+                .cloned()
+                .ok_or_else(|| invalid(format!("index {}", top.digest), "lists no images"))?;
+            (chosen, top.clone())
+        } else {
+            let chosen = pulled.remove(0);
+            let tagged = chosen.0.clone();
+            (chosen, tagged)
+        }
+    } else {
+        let id = pull_image(store, &repository, &top, options.jobs, progress)?;
+        ((top.clone(), id), top.clone())
+    };
+    let name = reference.tag.as_ref().map(|_| reference.without_digest().to_string());
+    store.set_ref(RefEntry {
+        name: name.clone(),
+        manifest: tagged.digest.clone(),
+        media_type: tagged.media_type.clone(),
+        size: tagged.bytes.len() as u64,
+    })?;
+    Ok(Pulled { reference: name, digest: top.digest, manifest: chosen.0.digest, id: chosen.1 })
+}
+
+/// Attestation manifests (`unknown/unknown`) that BuildKit adds to indexes
+/// are not images.
+fn is_attestation(descriptor: &Descriptor) -> bool {
+    descriptor.platform().as_ref().is_some_and(|p| p.os().to_string() == "unknown")
+}
+
+fn descriptor_digest(descriptor: &Descriptor) -> Result<Digest, TransferError> {
+    descriptor
+        .digest()
+        .to_string()
+        .parse()
+        .map_err(|e| invalid(format!("descriptor {}", descriptor.digest()), e))
+}
+
+/// Stores the config and layers of one image manifest, then the manifest.
+/// Returns the image id.
+fn pull_image(
+    store: &Store,
+    repository: &Repository,
+    manifest: &Manifest,
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<Digest, TransferError> {
+    let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes)
+        .map_err(|e| invalid(format!("manifest {}", manifest.digest), e))?;
+    let config = descriptor_digest(parsed.config())?;
+    if !store.blob_path(&config).exists() {
+        let data = repository.read_range(&config, 0, parsed.config().size())?;
+        let actual = Digest::of(&data);
+        if actual != config {
+            return Err(crate::registry::RegistryError::DigestMismatch {
+                what: format!("config of {}", repository.full_name()),
+                expected: config.to_string(),
+                actual,
+            }
+            .into());
+        }
+        store.put_blob_bytes(&data)?;
+    }
+    let layers = parsed
+        .layers()
+        .iter()
+        .map(|d| Ok((descriptor_digest(d)?, d.size())))
+        .collect::<Result<Vec<_>, TransferError>>()?;
+    fetch_layers(store, repository, &layers, jobs, progress)?;
+    store.put_blob_bytes(&manifest.bytes)?;
+    Ok(config)
+}
+
+/// Downloads the layers the store lacks, `jobs` at a time. The first error
+/// stops workers from starting new layers and is returned.
+fn fetch_layers(
+    store: &Store,
+    repository: &Repository,
+    layers: &[(Digest, u64)],
+    jobs: usize,
+    progress: &dyn Progress,
+) -> Result<(), TransferError> {
+    let queue = Mutex::new(layers.iter());
+    let failed = AtomicBool::new(false);
+    let first_error = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..jobs.clamp(1, layers.len().max(1)) {
+            scope.spawn(|| loop {
+                let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                let Some((digest, size)) = next else { break };
+                if failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                if let Err(e) = fetch_layer(store, repository, digest, *size, progress) {
+                    failed.store(true, Ordering::Relaxed);
+                    first_error.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                }
+            });
+        }
+    });
+    match first_error.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn fetch_layer(
+    store: &Store,
+    repository: &Repository,
+    digest: &Digest,
+    size: u64,
+    progress: &dyn Progress,
+) -> Result<(), TransferError> {
+    progress.blob_started(digest, size);
+    let dest = store.blob_path(digest);
+    if dest.exists() {
+        progress.blob_finished(digest, &BlobOutcome::Existing);
+        return Ok(());
+    }
+    let stream = repository.blob(digest, size)?;
+    let mut file = AtomicFile::create(&dest).map_err(io_err(&dest))?;
+    let tee = Tee { source: stream, copy: &mut file, digest, progress };
+    // Verifies the digest; the file stays a temp file unless it matches.
+    let index = build_index(tee, digest)?;
+    file.commit().map_err(io_err(&dest))?;
+    if let Err(e) = save_index(&store.index_dir(), &index) {
+        tracing::warn!(layer = %digest, error = %e, "could not save the layer index; the first mount will rebuild it");
+    }
+    progress.blob_finished(digest, &BlobOutcome::Transferred);
+    Ok(())
+}
+
+/// Copies everything read from `source` into `copy`, reporting progress.
+struct Tee<'a, R> {
+    source: R,
+    copy: &'a mut AtomicFile,
+    digest: &'a Digest,
+    progress: &'a dyn Progress,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.source.read(buf)?;
+        self.copy.write_all(&buf[..n])?;
+        self.progress.blob_advanced(self.digest, n as u64);
+        Ok(n)
+    }
+}

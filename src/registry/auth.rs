@@ -190,17 +190,30 @@ impl Auth {
         }
     }
 
-    /// Records the challenge of a `401` and forgets the token it refused.
-    /// Returns whether a retry can do better than the refused request.
-    pub(super) fn challenged(&self, host: &str, header: Option<&str>, scope: &Scope) -> bool {
-        let mut state = self.lock();
+    /// Records the challenge of a `401` to a request sent with `sent` and
+    /// forgets the token it refused (unless a concurrent request already
+    /// replaced it). Returns whether a retry can do better: the challenge is
+    /// new, the request went without credentials, or it carried a token
+    /// (which may have expired on the way).
+    pub(super) fn challenged(
+        &self,
+        host: &str,
+        header: Option<&str>,
+        scope: &Scope,
+        sent: Option<&str>,
+    ) -> bool {
         let Some(challenge) = header.and_then(parse_challenge) else {
             return false;
         };
-        let had_token = state.tokens.remove(&(host.to_string(), scope.clone())).is_some();
+        let mut state = self.lock();
+        let key = (host.to_string(), scope.clone());
+        let current = state.tokens.get(&key).map(|t| format!("Bearer {}", t.value));
+        if current.is_some() && current.as_deref() == sent {
+            state.tokens.remove(&key);
+        }
         let changed = state.challenges.get(host) != Some(&challenge);
         state.challenges.insert(host.to_string(), challenge);
-        changed || had_token
+        changed || sent.is_none_or(|s| s.starts_with("Bearer "))
     }
 }
 
@@ -335,18 +348,26 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_token_is_forgotten_and_a_repeat_challenge_stops_retries() {
+    fn a_refused_token_is_forgotten_and_refused_basic_credentials_stop_retries() {
         let auth = Auth::new(AuthFile::at("/nonexistent/config.json"));
         let scope = Scope::repository("a", false);
         let bearer = r#"Bearer realm="http://127.0.0.1:9/token""#;
-        assert!(auth.challenged("h", Some(bearer), &scope), "first challenge");
-        assert!(!auth.challenged("h", Some(bearer), &scope), "same challenge, no token");
-        auth.lock().tokens.insert(
-            ("h".into(), scope.clone()),
-            Token { value: "t".into(), refresh_at: Instant::now() + Duration::from_secs(60) },
-        );
-        assert!(auth.challenged("h", Some(bearer), &scope), "the token was refused");
-        assert!(auth.lock().tokens.is_empty());
-        assert!(!auth.challenged("h", None, &scope), "no challenge to act on");
+        assert!(auth.challenged("h", Some(bearer), &scope, None), "first challenge");
+        assert!(auth.challenged("h", Some(bearer), &scope, None), "sent without credentials");
+        let token = |v: &str| Token {
+            value: v.into(),
+            refresh_at: Instant::now() + Duration::from_secs(60),
+        };
+        auth.lock().tokens.insert(("h".into(), scope.clone()), token("t1"));
+        assert!(auth.challenged("h", Some(bearer), &scope, Some("Bearer t1")), "token refused");
+        assert!(auth.lock().tokens.is_empty(), "the refused token is dropped");
+        // A concurrent request already fetched t2: a late 401 for t1 keeps it.
+        auth.lock().tokens.insert(("h".into(), scope.clone()), token("t2"));
+        assert!(auth.challenged("h", Some(bearer), &scope, Some("Bearer t1")));
+        assert_eq!(auth.lock().tokens.len(), 1);
+        let basic = r#"Basic realm="r""#;
+        assert!(auth.challenged("h", Some(basic), &scope, Some("Bearer t2")), "new scheme");
+        assert!(!auth.challenged("h", Some(basic), &scope, Some("Basic dTpw")), "refused");
+        assert!(!auth.challenged("h", None, &scope, None), "no challenge to act on");
     }
 }

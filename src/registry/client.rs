@@ -19,6 +19,9 @@ use std::sync::Arc;
 /// they are read into memory whole.
 const MAX_MANIFEST_SIZE: u64 = 4 << 20;
 
+/// Attempts per request on a mirror before falling back to the next host.
+const MIRROR_ATTEMPTS: u32 = 2;
+
 /// How a [`Client`] is set up.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -133,7 +136,9 @@ impl Client {
         let mut retried = false;
         loop {
             let header = auth.header(transport, &endpoint.host, scope)?;
-            let response = transport.execute(url, &|http| match &header {
+            // A broken mirror should cost little: the next host is waiting.
+            let attempts = if endpoint.mirror { MIRROR_ATTEMPTS } else { transport.retry.attempts };
+            let response = transport.execute_with(attempts, url, &|http| match &header {
                 Some(h) => build(http).header(AUTHORIZATION, h),
                 None => build(http),
             })?;
@@ -141,7 +146,7 @@ impl Client {
                 return Ok(response);
             }
             let challenge = response.headers().get(WWW_AUTHENTICATE).and_then(|v| v.to_str().ok());
-            if !retried && auth.challenged(&endpoint.host, challenge, scope) {
+            if !retried && auth.challenged(&endpoint.host, challenge, scope, header.as_deref()) {
                 retried = true;
                 continue;
             }

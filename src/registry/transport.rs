@@ -79,9 +79,19 @@ impl Transport {
         url: &str,
         build: &dyn Fn(&Http) -> RequestBuilder,
     ) -> Result<Response, RegistryError> {
+        self.execute_with(self.retry.attempts, url, build)
+    }
+
+    /// [`Transport::execute`] with at most `attempts` attempts.
+    pub(super) fn execute_with(
+        &self,
+        attempts: u32,
+        url: &str,
+        build: &dyn Fn(&Http) -> RequestBuilder,
+    ) -> Result<Response, RegistryError> {
         let mut retry = 0;
         loop {
-            let last = retry + 1 >= self.retry.attempts;
+            let last = retry + 1 >= attempts;
             match build(&self.http).send() {
                 Ok(response) if transient(response.status()) && !last => {
                     let delay = retry_after(&response)

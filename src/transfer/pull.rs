@@ -7,15 +7,15 @@
 //! leaves at most unreferenced blobs.
 
 use super::{BlobOutcome, Progress, TransferError};
-use crate::digest::Digest;
+use crate::digest::{Digest, HashingReader};
 use crate::durable::AtomicFile;
-use crate::layer::{build_index, save_index};
+use crate::layer::{build_index, save_index, LayerError};
 use crate::platform::{describe, Platform};
 use crate::reference::Reference;
-use crate::registry::{Action, Client, Manifest, Repository};
+use crate::registry::{Action, BlobStream, Client, Manifest, RegistryError, Repository};
 use crate::store::{io_err, RefEntry, Store};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
-use std::io::{self, Read, Write};
+use std::io::{self, Read, Seek, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -74,17 +74,10 @@ pub fn pull(
         let children = if options.all_platforms {
             index.manifests().iter().filter(|d| !is_attestation(d)).collect()
         } else {
-            vec![options.platform.choose(&index).ok_or_else(|| {
-                crate::registry::RegistryError::NoPlatform {
-                    reference: reference.to_string(),
-                    wanted: options.platform.to_string(),
-                    available: index
-                        .manifests()
-                        .iter()
-                        .map(describe)
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                }
+            vec![options.platform.choose(&index).ok_or_else(|| RegistryError::NoPlatform {
+                reference: reference.to_string(),
+                wanted: options.platform.to_string(),
+                available: index.manifests().iter().map(describe).collect::<Vec<_>>().join(", "),
             })?]
         };
         let mut pulled = Vec::new();
@@ -153,7 +146,7 @@ fn pull_image(
         let data = repository.read_range(&config, 0, parsed.config().size())?;
         let actual = Digest::of(&data);
         if actual != config {
-            return Err(crate::registry::RegistryError::DigestMismatch {
+            return Err(RegistryError::DigestMismatch {
                 what: format!("config of {}", repository.full_name()),
                 expected: config.to_string(),
                 actual,
@@ -220,15 +213,51 @@ fn fetch_layer(
     }
     let stream = repository.blob(digest, size)?;
     let mut file = AtomicFile::create(&dest).map_err(io_err(&dest))?;
-    let tee = Tee { source: stream, copy: &mut file, digest, progress };
+    let mut tee = Tee { source: stream, copy: &mut file, digest, progress };
     // Verifies the digest; the file stays a temp file unless it matches.
-    let index = build_index(tee, digest)?;
+    let index = match build_index(&mut tee, digest) {
+        Ok(index) => index,
+        Err(e) => return Err(explain_bad_layer(repository, digest, tee, e)),
+    };
     file.commit().map_err(io_err(&dest))?;
     if let Err(e) = save_index(&store.index_dir(), &index) {
         tracing::warn!(layer = %digest, error = %e, "could not save the layer index; the first mount will rebuild it");
     }
     progress.blob_finished(digest, &BlobOutcome::Transferred);
     Ok(())
+}
+
+/// A layer that failed to index: corrupt compression or tar, or a wrong
+/// digest. Damage in transit shows up as any of these, so the rest of the
+/// blob is read and the whole hashed: a digest that does not match is the
+/// real finding, reported as such; otherwise the layer itself is malformed.
+fn explain_bad_layer(
+    repository: &Repository,
+    digest: &Digest,
+    mut tee: Tee<'_, BlobStream>,
+    error: LayerError,
+) -> TransferError {
+    let mismatch = |actual| {
+        TransferError::Registry(RegistryError::DigestMismatch {
+            what: format!("layer {digest} of {}", repository.full_name()),
+            expected: digest.to_string(),
+            actual,
+        })
+    };
+    if let LayerError::DigestMismatch { actual, .. } = error {
+        return mismatch(actual);
+    }
+    if io::copy(&mut tee, &mut io::sink()).is_err() {
+        return error.into();
+    }
+    let copy: &std::fs::File = tee.copy.file();
+    let mut hashing = HashingReader::new(copy);
+    let rehashed =
+        { copy }.seek(io::SeekFrom::Start(0)).and_then(|_| io::copy(&mut hashing, &mut io::sink()));
+    match (rehashed, hashing.finish()) {
+        (Ok(_), (actual, _)) if &actual != digest => mismatch(actual),
+        _ => error.into(),
+    }
 }
 
 /// Copies everything read from `source` into `copy`, reporting progress.

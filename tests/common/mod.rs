@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod ops;
+pub mod registry;
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;

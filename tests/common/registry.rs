@@ -30,6 +30,7 @@ fn now_secs() -> u64 {
 // ---------------------------------------------------------------- HTTP bits
 
 /// An HTTP message head: the start line, the header fields and the raw bytes.
+#[derive(Debug)]
 pub struct Head {
     pub line: String,
     pub headers: Vec<(String, String)>,
@@ -51,8 +52,14 @@ impl Head {
     }
 }
 
-/// Reads a message head up to the blank line; `None` at a clean EOF.
+/// Reads a message head up to the blank line; `None` at a clean EOF or
+/// when the peer does not speak plain HTTP (a client trying TLS first, as
+/// skopeo does with `--tls-verify=false`, then gets a closed connection at
+/// once instead of waiting for its handshake timeout).
 pub fn read_head(r: &mut impl BufRead) -> io::Result<Option<Head>> {
+    if r.fill_buf()?.first().is_some_and(|b| !b.is_ascii_alphabetic()) {
+        return Ok(None);
+    }
     let mut raw = Vec::new();
     let mut lines = Vec::new();
     loop {
@@ -260,10 +267,8 @@ impl Registry {
         let line = run_ok(Command::new("htpasswd").args(["-Bbn", user, pass]));
         let file = dir.path().join("htpasswd");
         std::fs::write(&file, line.trim_end().to_string() + "\n").unwrap();
-        let auth = format!(
-            "auth:\n  htpasswd:\n    realm: rmount-test\n    path: {}\n",
-            file.display()
-        );
+        let auth =
+            format!("auth:\n  htpasswd:\n    realm: rmount-test\n    path: {}\n", file.display());
         Registry::start(auth, dir)
     }
 
@@ -295,7 +300,7 @@ impl Registry {
             std::fs::write(&config_path, config).unwrap();
             let log_path = dir.path().join("registry.log");
             let log = std::fs::File::create(&log_path).unwrap();
-            let child = Command::new("docker-registry")
+            let mut child = Command::new("docker-registry")
                 .arg("serve")
                 .arg(&config_path)
                 .stdin(Stdio::null())
@@ -303,33 +308,14 @@ impl Registry {
                 .stderr(log)
                 .spawn()
                 .expect("spawn docker-registry");
-            let mut registry = Registry { child, addr, dir };
-            if registry.wait_ready() {
-                return registry;
+            if wait_ready(&mut child, &addr) {
+                return Registry { child, addr, dir };
             }
-            last_log = registry.log();
-            let Registry { mut child, dir: d, .. } = registry;
             let _ = child.kill();
             let _ = child.wait();
-            dir = d;
+            last_log = std::fs::read_to_string(&log_path).unwrap_or_default();
         }
         panic!("docker-registry did not start:\n{last_log}");
-    }
-
-    /// Waits until `GET /v2/` answers with any status; false if the child
-    /// exited (port taken) or nothing answered for 15 s.
-    fn wait_ready(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if self.child.try_wait().unwrap().is_some() {
-                return false;
-            }
-            if http(&self.addr, "GET", "/v2/", &[]).is_ok_and(|(status, _, _)| status != 0) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        false
     }
 
     /// `127.0.0.1:PORT`.
@@ -353,6 +339,22 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits until `GET /v2/` answers with any status; false if the child
+/// exited (its port was taken) or nothing answered for 15 s.
+fn wait_ready(child: &mut Child, addr: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if child.try_wait().unwrap().is_some() {
+            return false;
+        }
+        if http(addr, "GET", "/v2/", &[]).is_ok_and(|(status, _, _)| status != 0) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
 }
 
 fn tempfile_dir() -> tempfile::TempDir {
@@ -415,7 +417,8 @@ impl TokenServer {
         let cert_der_b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let (service, issuer) = ("rmount-test-registry".to_string(), "rmount-test-issuer".to_string());
+        let (service, issuer) =
+            ("rmount-test-registry".to_string(), "rmount-test-issuer".to_string());
         let config = Arc::new(TokenConfig {
             key,
             cert_der_b64,
@@ -433,6 +436,11 @@ impl TokenServer {
             }
         });
         TokenServer { addr, dir, issued, stop, service, issuer }
+    }
+
+    /// `127.0.0.1:PORT` of the token server.
+    pub fn addr(&self) -> &str {
+        &self.addr
     }
 
     /// The realm URL the registry sends clients to.
@@ -572,18 +580,12 @@ pub fn rfc3339(secs: u64) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem / 60 % 60, rem % 60)
 }
 
 // ------------------------------------------------------------- fault proxy
 
-/// What the proxy does to the next request whose request line contains a
-/// pattern (`FaultProxy::fault`).
+/// What the proxy does to the next request that matches (`FaultProxy::fault`).
 #[derive(Clone, Debug)]
 pub enum Fault {
     /// Forward the response head and this many body bytes, then reset the
@@ -595,9 +597,14 @@ pub enum Fault {
     Truncate { after_body_bytes: usize },
     /// Wait before forwarding.
     Delay { ms: u64 },
-    /// Persistent, not one-shot: flip one byte in the middle of every
-    /// matching response body.
+    /// Persistent, not one-shot: flip the blob's middle byte in every
+    /// matching response (for a `206` only if its `Content-Range` holds it),
+    /// so the blob is wrong by one byte however it is fetched.
     Corrupt,
+    /// Persistent, like `Corrupt`, at a given offset of the blob (byte 4 of
+    /// a gzip blob is in the header's MTIME: the blob still decompresses
+    /// to the same tar, and only its digest tells).
+    CorruptAt { offset: u64 },
 }
 
 /// One request the proxy saw, in arrival order.
@@ -612,6 +619,8 @@ pub struct Request {
     pub status: u16,
     /// The fault applied, if any.
     pub fault: Option<Fault>,
+    /// When the request arrived.
+    pub at: Instant,
 }
 
 impl Request {
@@ -623,9 +632,9 @@ impl Request {
 
 struct ProxyState {
     upstream: String,
-    /// One-shot faults, first match wins.
-    faults: Mutex<Vec<(String, Fault)>>,
-    corrupt: Mutex<Vec<String>>,
+    /// One-shot faults, first match wins; each with its lowercase patterns.
+    faults: Mutex<Vec<(Vec<String>, Fault)>>,
+    corrupt: Mutex<Vec<(Vec<String>, Fault)>>,
     log: Mutex<Vec<Request>>,
 }
 
@@ -663,19 +672,28 @@ impl FaultProxy {
         &self.addr
     }
 
-    /// Applies `fault` to the next request whose request line (`GET /v2/… HTTP/1.1`)
-    /// contains `pattern`; `Corrupt` applies to all of them.
+    /// Applies `fault` to the next request whose head contains `pattern`
+    /// (case-insensitive; the request line `GET /v2/… HTTP/1.1` comes first,
+    /// so `"GET /v2/x/blobs/"` names method and path). `Corrupt` applies to
+    /// every matching request; other faults once each, in the order added.
     pub fn fault(&self, pattern: &str, fault: Fault) {
-        if matches!(fault, Fault::Corrupt) {
-            self.state.corrupt.lock().unwrap().push(pattern.to_string());
+        self.fault_when(&[pattern], fault);
+    }
+
+    /// Like `fault`, for requests whose head contains all of `patterns`
+    /// (e.g. `["GET /v2/x/blobs/", "authorization: bearer"]`).
+    pub fn fault_when(&self, patterns: &[&str], fault: Fault) {
+        let patterns = patterns.iter().map(|p| p.to_ascii_lowercase()).collect();
+        if matches!(fault, Fault::Corrupt | Fault::CorruptAt { .. }) {
+            self.state.corrupt.lock().unwrap().push((patterns, fault));
         } else {
-            self.state.faults.lock().unwrap().push((pattern.to_string(), fault));
+            self.state.faults.lock().unwrap().push((patterns, fault));
         }
     }
 
     /// One-shot faults not triggered yet.
-    pub fn pending_faults(&self) -> Vec<(String, Fault)> {
-        self.state.faults.lock().unwrap().clone()
+    pub fn pending_faults(&self) -> Vec<Fault> {
+        self.state.faults.lock().unwrap().iter().map(|(_, f)| f.clone()).collect()
     }
 
     /// Every request so far, in arrival order.
@@ -713,12 +731,17 @@ fn proxy_one(state: &ProxyState, mut client: TcpStream) -> io::Result<()> {
     let body = read_body(&mut r, &head)?;
     let mut parts = head.line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or(""));
+    let text = String::from_utf8_lossy(&head.raw).to_ascii_lowercase();
+    let matches = |patterns: &Vec<String>| patterns.iter().all(|p| text.contains(p.as_str()));
     let fault = {
         let mut faults = state.faults.lock().unwrap();
-        let i = faults.iter().position(|(p, _)| head.line.contains(p.as_str()));
+        let i = faults.iter().position(|(p, _)| matches(p));
         i.map(|i| faults.remove(i).1)
     };
-    let corrupt = state.corrupt.lock().unwrap().iter().any(|p| head.line.contains(p.as_str()));
+    let corrupt = {
+        let corrupt = state.corrupt.lock().unwrap();
+        corrupt.iter().find(|(p, _)| matches(p)).map(|(_, f)| f.clone())
+    };
     let index = {
         let mut log = state.log.lock().unwrap();
         log.push(Request {
@@ -726,7 +749,8 @@ fn proxy_one(state: &ProxyState, mut client: TcpStream) -> io::Result<()> {
             path: path.to_string(),
             range: head.get("range").map(str::to_string),
             status: 0,
-            fault: fault.clone().or(corrupt.then_some(Fault::Corrupt)),
+            fault: fault.clone().or(corrupt.clone()),
+            at: Instant::now(),
         });
         log.len() - 1
     };
@@ -741,7 +765,8 @@ fn proxy_one(state: &ProxyState, mut client: TcpStream) -> io::Result<()> {
             set_status(code);
             let extra: Vec<(&str, String)> =
                 retry_after.map(|s| ("Retry-After", s.to_string())).into_iter().collect();
-            let body = format!(r#"{{"errors":[{{"code":"UNKNOWN","message":"injected {code}"}}]}}"#);
+            let body =
+                format!(r#"{{"errors":[{{"code":"UNKNOWN","message":"injected {code}"}}]}}"#);
             return respond(&mut client, code, &extra, body.as_bytes());
         }
         Some(Fault::Reset { after_body_bytes } | Fault::Truncate { after_body_bytes }) => {
@@ -766,7 +791,7 @@ fn proxy_one(state: &ProxyState, mut client: TcpStream) -> io::Result<()> {
     let Some(response) = read_head(&mut up)? else { return Ok(()) };
     set_status(status_of(&response.line));
     client.write_all(&response.raw)?;
-    let flip_at = corrupt.then(|| response.content_length().unwrap_or(0) / 2);
+    let flip_at = corrupt.and_then(|fault| flip_offset(&response, &fault));
 
     let mut sent = 0usize;
     let mut buf = vec![0u8; 64 * 1024];
@@ -801,6 +826,25 @@ fn proxy_one(state: &ProxyState, mut client: TcpStream) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Where in this response's body the byte to corrupt is: the blob offset
+/// (`Corrupt`: the middle) minus where the body starts in the blob.
+fn flip_offset(response: &Head, fault: &Fault) -> Option<usize> {
+    let length = response.content_length()? as u64;
+    // `Content-Range: bytes START-END/TOTAL` for a 206; the whole blob otherwise.
+    let (start, total) = match response.get("content-range") {
+        Some(range) => {
+            let (span, total) = range.trim_start_matches("bytes ").split_once('/')?;
+            (span.split('-').next()?.parse().ok()?, total.parse().ok()?)
+        }
+        None => (0, length),
+    };
+    let offset = match fault {
+        Fault::CorruptAt { offset } => *offset,
+        _ => total / 2,
+    };
+    (offset >= start && offset < start + length).then(|| (offset - start) as usize)
 }
 
 /// SO_LINGER {on, 0}: close() sends RST.
@@ -1031,13 +1075,14 @@ pub fn host_arch() -> &'static str {
 // ------------------------------------------------------- rmount runner
 
 /// Runs rmount against its own store, with HOME and DOCKER_CONFIG in temp
-/// dirs (never the host's credentials) and no inherited REGISTRY_AUTH_FILE.
+/// dirs (never the host's credentials), no inherited REGISTRY_AUTH_FILE or
+/// RUST_LOG, and an empty mirror configuration dir.
 pub struct Client {
     pub root: PathBuf,
     pub home: PathBuf,
     /// `$DOCKER_CONFIG`: `config.json` lives here.
     pub docker_config: PathBuf,
-    env: Vec<(String, String)>,
+    env: Vec<(String, Option<String>)>,
     /// Kill a run that takes longer than this.
     pub timeout: Duration,
 }
@@ -1060,8 +1105,26 @@ impl Client {
     /// Sets an environment variable for every run.
     pub fn env(&mut self, key: &str, value: impl Into<String>) -> &mut Client {
         self.env.retain(|(k, _)| k != key);
-        self.env.push((key.to_string(), value.into()));
+        self.env.push((key.to_string(), Some(value.into())));
         self
+    }
+
+    /// Leaves an environment variable (even DOCKER_CONFIG) unset for every run.
+    pub fn unset(&mut self, key: &str) -> &mut Client {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), None));
+        self
+    }
+
+    /// The same HOME, Docker config and environment with another store.
+    pub fn with_root(&self, root: &Path) -> Client {
+        Client {
+            root: root.to_path_buf(),
+            home: self.home.clone(),
+            docker_config: self.docker_config.clone(),
+            env: self.env.clone(),
+            timeout: self.timeout,
+        }
     }
 
     /// `$DOCKER_CONFIG/config.json`.
@@ -1077,9 +1140,15 @@ impl Client {
             .env("HOME", &self.home)
             .env("DOCKER_CONFIG", &self.docker_config)
             .env_remove("REGISTRY_AUTH_FILE")
-            .env_remove("XDG_RUNTIME_DIR");
+            .env_remove("XDG_RUNTIME_DIR")
+            .env_remove("RUST_LOG")
+            // No mirror configuration from the host (/etc/rmount/hosts.d).
+            .env("RMOUNT_HOSTS_DIR", self.home.join("hosts.d"));
         for (k, v) in &self.env {
-            cmd.env(k, v);
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
         }
         cmd
     }
@@ -1132,12 +1201,14 @@ impl Client {
     }
 }
 
-/// The `sha256:…` of the last stdout line `Digest: sha256:…`.
+/// The `sha256:…` of the last stdout line `Digest: sha256:…` (anything
+/// after the digest, like push's ` size: N`, is ignored).
 pub fn digest_line(stdout: &str) -> String {
     let last = stdout.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
     let digest = last
         .trim()
         .strip_prefix("Digest: ")
+        .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_else(|| panic!("last stdout line is not `Digest: …`:\n{stdout}"));
     assert!(
         digest.starts_with("sha256:") && digest.len() == 71,

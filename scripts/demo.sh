@@ -3,7 +3,9 @@
 # Debian image with mmdebstrap + umoci (once, cached by scripts/make-images.sh),
 # load it, mount it, look inside, change it (copy-on-write), unmount, remount
 # and see the change kept, commit the changes as a new image, drop them from
-# the mount and mount the new image. Needs root.
+# the mount and mount the new image; then push that image to a local registry
+# (Debian's docker-registry on a loopback port), pull it into a second, empty
+# store and mount it from there. Needs root.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -45,5 +47,26 @@ echo "== …but kept in the committed image, mounted read-only"
 "$RMOUNT" localhost/debian:changed "$MNT" --read-only
 chroot "$MNT" /bin/sh -c 'cat /etc/motd; ls -d /home/demo /usr/old-games'
 "$RMOUNT" umount "$MNT"
-trap 'rmdir "$MNT"' EXIT
+
+echo "== a local registry on 127.0.0.1 (plain HTTP is used for loopback registries)"
+REG_DIR=$(mktemp -d /tmp/rmount-demo-registry.XXXXXX)
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+cat > "$REG_DIR/config.yml" <<YML
+version: 0.1
+log: {level: error}
+storage: {filesystem: {rootdirectory: $REG_DIR/data}, delete: {enabled: true}}
+http: {addr: 127.0.0.1:$PORT}
+YML
+docker-registry serve "$REG_DIR/config.yml" > "$REG_DIR/log" 2>&1 &
+REG_PID=$!
+trap 'kill $REG_PID 2>/dev/null; rm -rf "$REG_DIR"; rmdir "$MNT"' EXIT
+until curl -s -o /dev/null "http://127.0.0.1:$PORT/v2/"; do sleep 0.1; done
+echo "== rmount push localhost/debian:changed 127.0.0.1:$PORT/demo/debian:changed"
+"$RMOUNT" push localhost/debian:changed "127.0.0.1:$PORT/demo/debian:changed"
+skopeo inspect --tls-verify=false "docker://127.0.0.1:$PORT/demo/debian:changed" | grep -E '"(Digest|Cmd)"' -A1
+echo "== rmount pull into an empty store, then mount what came from the registry"
+"$RMOUNT" --root "$REG_DIR/store" pull "127.0.0.1:$PORT/demo/debian:changed"
+"$RMOUNT" --root "$REG_DIR/store" "127.0.0.1:$PORT/demo/debian:changed" "$MNT" --read-only
+chroot "$MNT" /bin/cat /etc/motd
+"$RMOUNT" --root "$REG_DIR/store" umount "$MNT"
 echo "demo done"

@@ -4,6 +4,7 @@
 
 mod commit;
 mod images;
+mod index;
 mod mount;
 mod registry;
 
@@ -59,8 +60,11 @@ pub enum Command {
     Prune(ListArgs),
     /// Show disk usage of images, layers, cache and mounts.
     Df(ListArgs),
-    /// Mount an image at a directory.
+    /// Mount an image at a directory. An image that is not in the store is
+    /// mounted lazily: its file data is fetched from the registry on first read.
     Mount(MountArgs),
+    /// Show what a lazy mount has fetched (per layer, cache hits, latency).
+    Stats(StatsArgs),
     /// Unmount an image mounted by rmount.
     #[command(alias = "unmount")]
     Umount(UmountArgs),
@@ -70,6 +74,8 @@ pub enum Command {
     Diff(DiffArgs),
     /// Write a mount's merged filesystem (or an image's) as one tar.
     Export(ExportArgs),
+    /// Build and publish random-access indexes of an image's layers (for lazy mounts).
+    Index(IndexArgs),
 }
 
 /// How to reach registries; shared by pull, push and login.
@@ -347,6 +353,86 @@ pub struct MountArgs {
     /// Memory for decompressed spans, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub cache_mem: u64,
+    /// Disk space for chunks fetched by lazy mounts (ROOT/cache/chunks),
+    /// shared by every mount; 0 keeps them in memory only.
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size_arg)]
+    pub cache_size: u64,
+    /// Seconds a read keeps retrying a failed fetch before it fails with EIO.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub fetch_timeout: u64,
+    /// After mounting, fetch the rest of a lazily mounted image in the background.
+    #[arg(long, value_enum, default_value_t = PrefetchArg::None)]
+    pub prefetch: PrefetchArg,
+    /// Bandwidth limit of --prefetch all, bytes per second (e.g. 20M).
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
+    pub prefetch_rate: Option<u64>,
+    /// Platform of a multi-platform image not in the store (os/arch[/variant]).
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// How to reach the registry of an image that is not in the store.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// What a lazy mount fetches before it is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PrefetchArg {
+    /// Only what is read.
+    None,
+    /// Everything, in the background, after the mount is ready.
+    All,
+}
+
+fn parse_size_arg(text: &str) -> Result<u64, String> {
+    crate::cache::parse_size(text)
+}
+
+/// `rmount index`.
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: IndexCommand,
+}
+
+/// The `rmount index` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum IndexCommand {
+    /// Index every layer of a stored image; with --push, publish the indexes
+    /// to its registry as an artifact referring to the image (which stays
+    /// unchanged), so lazy mounts need not download layers to index them.
+    Build(IndexBuildArgs),
+}
+
+/// `rmount index build`.
+#[derive(Debug, Args)]
+pub struct IndexBuildArgs {
+    /// Stored image (pull or load it first).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Publish the indexes in the registry (the image must be pushed there).
+    #[arg(long)]
+    pub push: bool,
+    /// Repository to publish to. [default: REF's]
+    #[arg(long, value_name = "DEST", requires = "push")]
+    pub dest: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// How to reach the registry.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+/// `rmount stats`.
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Mountpoint.
+    #[arg(value_name = "DIR")]
+    pub mountpoint: PathBuf,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `rmount umount`.
@@ -365,7 +451,8 @@ pub struct UmountArgs {
 
 const SUBCOMMANDS: &[&str] = &[
     "pull", "push", "login", "logout", "load", "save", "images", "inspect", "history", "tag",
-    "rmi", "prune", "df", "mount", "umount", "unmount", "commit", "diff", "export", "help",
+    "rmi", "prune", "df", "mount", "stats", "umount", "unmount", "commit", "diff", "export",
+    "index", "help",
 ];
 
 /// Rewrites `rmount [OPTS] REF DIR …` into `rmount [OPTS] mount REF DIR …`.
@@ -433,9 +520,11 @@ pub fn main() -> ExitCode {
         Command::Df(a) => images::df(&root, &a),
         Command::Mount(a) => mount::mount(&root, &a),
         Command::Umount(a) => mount::umount(&root, &a),
+        Command::Stats(a) => mount::stats(&root, &a),
         Command::Commit(a) => commit::commit(&root, &a),
         Command::Diff(a) => commit::diff(&root, &a),
         Command::Export(a) => commit::export(&root, &a),
+        Command::Index(a) => index::index(&root, &a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

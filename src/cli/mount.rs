@@ -1,15 +1,22 @@
 //! Mount commands: mount (in a background serving process unless
 //! `--foreground`) and umount.
 
-use super::{MountArgs, UmountArgs};
-use crate::fs::{serve, unmount_image, MountOptions, UpperDirs};
-use crate::store::Store;
+use super::registry::{client, Bars};
+use super::{MountArgs, PrefetchArg, StatsArgs, UmountArgs};
+use crate::fs::lazy::open_disk_cache;
+use crate::fs::{serve, unmount_image, MountOptions, RemoteOptions, UpperDirs};
+use crate::platform::Platform;
+use crate::reference::Reference;
+use crate::store::{Store, StoreError};
+use crate::transfer::{self, PullOptions};
 use anyhow::{bail, Context, Result};
 use std::ffi::OsStr;
+use std::io::IsTerminal;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::time::Duration;
 
 /// Set in the serving child: print `ready` on stdout once the mount works.
 const NOTIFY_ENV: &str = "RMOUNT_NOTIFY_READY";
@@ -30,7 +37,12 @@ pub fn mount(root: &Path, args: &MountArgs) -> Result<()> {
                 Some(UpperDirs { upper, work })
             }
         };
-        let options = MountOptions { cache_bytes: args.cache_mem << 20, threads: 4, upper };
+        let image = store.resolve(&args.reference)?;
+        let remote = match image.layers.iter().all(|l| store.blob_path(&l.digest).exists()) {
+            true => None,
+            false => Some(remote_options(root, args)?),
+        };
+        let options = MountOptions { cache_bytes: args.cache_mem << 20, threads: 4, upper, remote };
         let notify = std::env::var_os(NOTIFY_ENV).is_some();
         return serve(&store, &args.reference, &args.mountpoint, &options, || {
             if notify {
@@ -48,8 +60,14 @@ pub fn mount(root: &Path, args: &MountArgs) -> Result<()> {
 /// Starts `rmount mount --foreground` as a detached child and waits until it
 /// reports the mount ready, or fails with the child's error.
 fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
-    // Fail fast, with the store's own message, on an unknown image.
-    store.resolve(&args.reference)?;
+    match store.resolve(&args.reference) {
+        Ok(_) => {}
+        Err(StoreError::NotFound(_)) if args.reference.parse::<Reference>().is_ok() => {
+            lazy_pull(store, args)?
+        }
+        // Fail fast, with the store's own message.
+        Err(e) => return Err(e.into()),
+    }
     let mountpoint = args
         .mountpoint
         .canonicalize()
@@ -70,6 +88,15 @@ fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
         .arg("--foreground")
         .arg("--cache-mem")
         .arg(args.cache_mem.to_string())
+        .args(["--cache-size", &args.cache_size.to_string()])
+        .args(["--fetch-timeout", &args.fetch_timeout.to_string()])
+        .args((args.prefetch == PrefetchArg::All).then_some("--prefetch=all"))
+        .args(args.prefetch_rate.map(|r| format!("--prefetch-rate={r}")))
+        .args(args.registry.insecure_registry.iter().map(|h| format!("--insecure-registry={h}")))
+        .args(
+            args.registry.hosts_dir.iter().flat_map(|d| [OsStr::new("--hosts-dir"), d.as_os_str()]),
+        )
+        .args(args.registry.authfile.iter().flat_map(|f| [OsStr::new("--authfile"), f.as_os_str()]))
         .args(args.read_only.then_some("--read-only"))
         .args(args.upper.iter().flat_map(|u| [OsStr::new("--upper"), u.as_os_str()]))
         .args(args.work.iter().flat_map(|w| [OsStr::new("--work"), w.as_os_str()]))
@@ -92,6 +119,88 @@ fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
     let message = log.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("").trim();
     let message = message.strip_prefix("rmount: ").unwrap_or(message);
     bail!("{message} (log: {})", log_path.display())
+}
+
+/// Brings what a lazy mount needs into the store: manifest, config and
+/// each layer's index (a layer without an index anywhere is downloaded).
+fn lazy_pull(store: &Store, args: &MountArgs) -> Result<()> {
+    let reference: Reference = args.reference.parse()?;
+    let platform = match &args.platform {
+        Some(p) => p.parse::<Platform>()?,
+        None => Platform::host(),
+    };
+    let options = PullOptions { platform, all_platforms: false, jobs: 3, lazy: true };
+    let bars = Bars::new("Indexing", !std::io::stderr().is_terminal());
+    transfer::pull(store, &client(&args.registry)?, &reference, &options, &bars)
+        .with_context(|| format!("resolving {reference} in its registry"))?;
+    bars.clear();
+    Ok(())
+}
+
+fn remote_options(root: &Path, args: &MountArgs) -> Result<RemoteOptions> {
+    Ok(RemoteOptions {
+        client: client(&args.registry)?,
+        disk: open_disk_cache(root, args.cache_size),
+        fetch_timeout: Duration::from_secs(args.fetch_timeout),
+        prefetch: args.prefetch == PrefetchArg::All,
+        prefetch_rate: args.prefetch_rate,
+    })
+}
+
+pub fn stats(root: &Path, args: &StatsArgs) -> Result<()> {
+    let store = Store::open(root)?;
+    let mountpoint = args
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
+    if store.mount_at(&mountpoint)?.is_none() {
+        bail!("{} is not an rmount mount (see `rmount df`)", mountpoint.display());
+    }
+    let path = store.mount_stats_path(&mountpoint);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "{} reads every layer from the store: there is nothing fetched to show",
+                mountpoint.display()
+            )
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    if args.json {
+        println!("{text}");
+        return Ok(());
+    }
+    let stats: serde_json::Value = serde_json::from_str(&text)?;
+    let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
+    println!(
+        "{}: fetched {} in {} requests, {}% of the image local; disk cache {} hits, {} misses; fetch latency p50 {} ms, p99 {} ms",
+        stats["reference"].as_str().unwrap_or("?"),
+        super::images::human_size(num(&stats, "fetchedBytes") as u64),
+        num(&stats, "fetches"),
+        num(&stats, "fetchedPercent"),
+        num(&stats, "cacheHits"),
+        num(&stats, "cacheMisses"),
+        num(&stats["fetchLatencyMs"], "p50"),
+        num(&stats["fetchLatencyMs"], "p99"),
+    );
+    println!(
+        "{:<14} {:>10} {:>7} {:>14} {:>10} {:>7}",
+        "LAYER", "SIZE", "REMOTE", "CHUNKS CACHED", "FETCHED", "LOCAL%"
+    );
+    for layer in stats["layers"].as_array().into_iter().flatten() {
+        let digest = layer["digest"].as_str().unwrap_or("");
+        println!(
+            "{:<14} {:>10} {:>7} {:>14} {:>10} {:>7}",
+            digest.trim_start_matches("sha256:").chars().take(12).collect::<String>(),
+            super::images::human_size(num(layer, "size") as u64),
+            if layer["remote"].as_bool().unwrap_or(false) { "yes" } else { "no" },
+            format!("{}/{}", num(layer, "chunksCached"), num(layer, "chunks")),
+            super::images::human_size(num(layer, "fetchedBytes") as u64),
+            num(layer, "fetchedPercent"),
+        );
+    }
+    Ok(())
 }
 
 pub fn umount(root: &Path, args: &UmountArgs) -> Result<()> {

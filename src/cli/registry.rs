@@ -20,7 +20,7 @@ fn auth_file(path: Option<&Path>) -> AuthFile {
     path.map(AuthFile::at).unwrap_or_else(AuthFile::discover)
 }
 
-fn client(args: &RegistryArgs) -> Result<Client> {
+pub(super) fn client(args: &RegistryArgs) -> Result<Client> {
     let hosts_dir = args.hosts_dir.clone().unwrap_or_else(Hosts::default_dir);
     let options = ClientOptions {
         hosts: Hosts::new(Some(hosts_dir), args.insecure_registry.clone()),
@@ -30,7 +30,7 @@ fn client(args: &RegistryArgs) -> Result<Client> {
     Ok(Client::new(options)?)
 }
 
-fn open_store(root: &Path) -> Result<Store> {
+pub(super) fn open_store(root: &Path) -> Result<Store> {
     Store::open(root).with_context(|| format!("opening the store at {}", root.display()))
 }
 
@@ -44,6 +44,7 @@ pub fn pull(root: &Path, args: &PullArgs) -> Result<()> {
         platform,
         all_platforms: args.all_platforms,
         jobs: args.max_concurrent_downloads,
+        lazy: false,
     };
     let store = open_store(root)?;
     let bars = Bars::new("Downloading", args.quiet);
@@ -175,7 +176,7 @@ fn prompt_hidden(label: &str) -> Result<String> {
 }
 
 /// indicatif bars: one per blob, and a total.
-struct Bars {
+pub(super) struct Bars {
     multi: MultiProgress,
     total: ProgressBar,
     blobs: Mutex<HashMap<Digest, ProgressBar>>,
@@ -183,7 +184,7 @@ struct Bars {
 }
 
 impl Bars {
-    fn new(verb: &str, quiet: bool) -> Self {
+    pub(super) fn new(verb: &str, quiet: bool) -> Self {
         let target =
             if quiet { ProgressDrawTarget::hidden() } else { ProgressDrawTarget::stderr() };
         let multi = MultiProgress::with_draw_target(target);
@@ -196,7 +197,7 @@ impl Bars {
         Self { multi, total, blobs: Mutex::new(HashMap::new()), outcomes: Mutex::new(Vec::new()) }
     }
 
-    fn clear(&self) {
+    pub(super) fn clear(&self) {
         self.total.finish_and_clear();
         let _ = self.multi.clear();
     }

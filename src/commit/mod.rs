@@ -32,7 +32,7 @@ pub use plan::{Kind, LayerEntry, Mode, Plan};
 
 use crate::cache::SpanCache;
 use crate::digest::Digest;
-use crate::fs::{ImageFs, MountError};
+use crate::fs::{ImageFs, MountError, OpenedImage, RemoteOptions};
 use crate::reference::Reference;
 use crate::store::{Image, RefEntry, Store, StoreError};
 use crate::sys::upper::Dir;
@@ -103,7 +103,10 @@ impl Source {
     /// The image `reference`, without changes.
     pub fn image(store: &Store, reference: &str) -> Result<Source, CommitError> {
         let cache = Arc::new(SpanCache::new(CACHE_BYTES));
-        let (image, lower) = crate::fs::open_image(store, reference, cache)?;
+        // A lazily pulled image reads its missing layers from the registry.
+        let remote = RemoteOptions::defaults(store.root()).ok();
+        let OpenedImage { image, fs: lower, .. } =
+            crate::fs::open_image(store, reference, cache, remote.as_ref())?;
         Ok(Source { image, lower, upper: None, upper_path: None, _pause: None })
     }
 

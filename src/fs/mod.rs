@@ -3,6 +3,7 @@
 
 pub mod error;
 pub mod fuse;
+pub mod lazy;
 pub mod mount;
 pub mod overlay;
 pub mod passthrough;
@@ -12,6 +13,7 @@ pub mod writable;
 
 pub use error::FsError;
 pub use fuse::ImageFs;
-pub use mount::{open_image, serve, unmount_image, MountError, MountOptions};
+pub use lazy::{LayerSource, RemoteOptions};
+pub use mount::{open_image, serve, unmount_image, MountError, MountOptions, OpenedImage};
 pub use overlay::{Overlay, UpperDirs};
 pub use union::{EntryRef, Node, UnionTree, ROOT_INO};

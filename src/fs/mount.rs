@@ -2,10 +2,13 @@
 //! without a persisted index), building the union tree, serving it over
 //! FUSE, and recording the mount so `rmi` and `df` see it.
 
+use super::lazy::{keep_stats, prefetch, LayerSource, RemoteOptions};
 use super::writable::WritableFs;
 use super::{FsError, ImageFs, Overlay, UnionTree, UpperDirs};
 use crate::cache::SpanCache;
-use crate::layer::{LayerError, LayerReader};
+use crate::layer::{load_index, LayerError, LayerReader, RemoteBlob};
+use crate::reference::Reference;
+use crate::registry::{Action, RegistryError};
 use crate::store::{MountRecord, Store, StoreError};
 use fuser::{Config, MountOption, SessionACL};
 use rustix::mount::{unmount, UnmountFlags};
@@ -22,6 +25,9 @@ pub enum MountError {
     /// A layer could not be indexed or opened.
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// The registry of a lazily mounted image is unusable.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
     /// The upper directory is unusable.
     #[error("upper directory {path}: {source}")]
     Upper {
@@ -59,35 +65,85 @@ pub struct MountOptions {
     pub threads: usize,
     /// Where changes go; `None` mounts read-only.
     pub upper: Option<UpperDirs>,
+    /// How to read layers that are not in the store (lazy mounts).
+    pub remote: Option<RemoteOptions>,
+}
+
+/// An image opened for mounting: its union filesystem and where each layer
+/// is read from.
+pub struct OpenedImage {
+    /// The image.
+    pub image: crate::store::Image,
+    /// The merged read-only tree.
+    pub fs: ImageFs,
+    /// One per layer, bottom first.
+    pub layers: Vec<LayerSource>,
 }
 
 /// Opens every layer of `reference`'s image (in parallel) and merges them.
+/// A layer whose blob is in the store is read from there (indexed now if
+/// its index is missing); with `remote`, a layer that is not is read from
+/// the registry, which needs its index in the index cache (a lazy pull put
+/// it there).
 pub fn open_image(
     store: &Store,
     reference: &str,
     cache: Arc<SpanCache>,
-) -> Result<(crate::store::Image, ImageFs), MountError> {
+    remote: Option<&RemoteOptions>,
+) -> Result<OpenedImage, MountError> {
     let image = store.resolve(reference)?;
-    store.check_complete(&image)?;
     let index_dir = store.index_dir();
-    let readers: Vec<Result<LayerReader, LayerError>> = std::thread::scope(|s| {
-        let handles: Vec<_> = image
-            .layers
-            .iter()
-            .map(|layer| {
-                let (path, cache, index_dir) =
-                    (store.blob_path(&layer.digest), cache.clone(), &index_dir);
-                s.spawn(move || LayerReader::open(&path, &layer.digest, index_dir, cache))
-            })
-            .collect();
+    let repository = match remote {
+        Some(remote) if !image.layers.iter().all(|l| store.blob_path(&l.digest).exists()) => {
+            let name = image.reference.as_deref().unwrap_or(reference);
+            let parsed = name.parse::<Reference>().map_err(StoreError::from)?;
+            Some(remote.client.repository(&parsed, Action::Pull)?)
+        }
+        _ => {
+            store.check_complete(&image)?;
+            None
+        }
+    };
+    let open_layer = |layer: &crate::store::LayerDesc| -> Result<(LayerReader, Option<Arc<RemoteBlob>>), MountError> {
+        let path = store.blob_path(&layer.digest);
+        let (Some(remote), Some(repository), false) = (remote, &repository, path.exists()) else {
+            return Ok((LayerReader::open(&path, &layer.digest, &index_dir, cache.clone())?, None));
+        };
+        let index = load_index(&index_dir, &layer.digest).ok_or_else(|| StoreError::MissingBlob {
+            digest: layer.digest.clone(),
+            what: "layer without a local index; pull the image".into(),
+        })?;
+        let blob = Arc::new(RemoteBlob::new(
+            repository.clone(),
+            layer.digest.clone(),
+            remote.disk.clone(),
+            remote.fetch_timeout,
+        ));
+        let reader = LayerReader::with_index(Arc::new(index), blob.clone(), cache.clone());
+        Ok((reader, Some(blob)))
+    };
+    let opened: Vec<Result<_, MountError>> = std::thread::scope(|s| {
+        let handles: Vec<_> =
+            image.layers.iter().map(|layer| s.spawn(|| open_layer(layer))).collect();
         handles
             .into_iter()
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .collect()
     });
-    let readers = readers.into_iter().collect::<Result<Vec<_>, _>>()?;
+    let mut readers = Vec::new();
+    let mut layers = Vec::new();
+    for (desc, opened) in image.layers.iter().zip(opened) {
+        let (reader, remote) = opened?;
+        layers.push(LayerSource {
+            digest: desc.digest.clone(),
+            size: desc.size,
+            index: reader.index().clone(),
+            remote,
+        });
+        readers.push(reader);
+    }
     let tree = UnionTree::build(readers.iter().map(|r| r.index().clone()).collect());
-    Ok((image, ImageFs::new(tree, readers)))
+    Ok(OpenedImage { image, fs: ImageFs::new(tree, readers), layers })
 }
 
 fn fuse_config(reference: &str, threads: usize, read_only: bool) -> Config {
@@ -120,7 +176,9 @@ pub fn serve(
     let mountpoint = canonical_dir(mountpoint)?;
     crate::sys::malloc::return_large_buffers_to_the_os();
     let cache = Arc::new(SpanCache::new(options.cache_bytes));
-    let (image, fs) = open_image(store, reference, cache)?;
+    let OpenedImage { image, fs, layers } =
+        open_image(store, reference, cache, options.remote.as_ref())?;
+    let layers = Arc::new(layers);
     let fuse_err = |action, source| MountError::Fuse { action, path: mountpoint.clone(), source };
     let config = fuse_config(reference, options.threads, options.upper.is_none());
     let mount_err = |e| fuse_err("mounting at", e);
@@ -155,6 +213,13 @@ pub fn serve(
     };
     store.add_mount(&record)?;
     unmount_on_signal(mountpoint.clone());
+    if layers.iter().any(|l| l.remote.is_some()) {
+        let stats = store.mount_stats_path(&mountpoint);
+        keep_stats(stats, record.reference.clone(), mountpoint.clone(), layers.clone());
+        if let Some(remote) = options.remote.as_ref().filter(|r| r.prefetch) {
+            prefetch(layers, remote.prefetch_rate);
+        }
+    }
     ready();
     let result = background.join().map_err(|e| fuse_err("serving", e));
     store.remove_mount(&mountpoint)?;

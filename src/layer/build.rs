@@ -3,6 +3,7 @@
 //! access map, hashes the uncompressed stream (the diff_id) and scans the tar.
 
 use super::gzip::GzipIndexer;
+use super::plain::PlainIndexer;
 use super::scan::scan_tar;
 use super::zstd::ZstdIndexer;
 use super::{corrupt_reason, AccessMap, Compression, LayerError, LayerIndex};
@@ -41,8 +42,10 @@ pub fn build_index(blob: impl Read, digest: &Digest) -> Result<LayerIndex, Layer
     };
     let (entries, (diff_id, uncompressed_size), access, mut rest) = match compression {
         Compression::None => {
-            let (entries, diff) = scan(&mut compressed)?;
-            (entries, diff, AccessMap::Plain, compressed)
+            let mut indexer = PlainIndexer::new(compressed);
+            let (entries, diff) = scan(&mut indexer)?;
+            let (map, rest) = indexer.finish();
+            (entries, diff, AccessMap::Plain(map), rest)
         }
         Compression::Gzip => {
             let mut indexer = GzipIndexer::new(compressed).map_err(io_err)?;

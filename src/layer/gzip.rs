@@ -11,9 +11,8 @@ use crate::sys::inflate::{Framing, InflateError, Inflater};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::collections::VecDeque;
-use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::ops::Range;
 
 const WINDOW: usize = 32 * 1024;
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -56,13 +55,19 @@ impl GzipMap {
         self.checkpoints[i].out_offset
     }
 
-    /// Inflates span `i`, whose uncompressed length is `len`.
-    pub fn decode_span(&self, file: &File, i: usize, len: usize) -> io::Result<Vec<u8>> {
+    /// The compressed bytes span `i` is inflated from (including the byte
+    /// it shares with the span before); `checkpoints[i].span_digest` is
+    /// their sha256.
+    pub fn span_input_range(&self, i: usize) -> Range<u64> {
         let cp = &self.checkpoints[i];
         let end = self.checkpoints.get(i + 1).map_or(self.compressed_size, |n| n.in_offset);
-        let start = cp.in_offset - u64::from(cp.bits > 0);
-        let mut input = vec![0; (end - start) as usize];
-        file.read_exact_at(&mut input, start)?;
+        cp.in_offset - u64::from(cp.bits > 0)..end
+    }
+
+    /// Inflates span `i`, whose uncompressed length is `len`, from `input`:
+    /// the bytes [`GzipMap::span_input_range`] names.
+    pub fn decode_span(&self, input: &[u8], i: usize, len: usize) -> io::Result<Vec<u8>> {
+        let cp = &self.checkpoints[i];
         let (mut inflater, mut pos) = if i == 0 {
             (Inflater::new(Framing::Gzip).map_err(corrupt)?, 0)
         } else {

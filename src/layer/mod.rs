@@ -20,15 +20,21 @@
 mod build;
 mod gzip;
 mod persist;
+mod plain;
 mod reader;
+mod remote;
 mod scan;
+mod source;
 mod zstd;
 
 pub use build::build_index;
 pub use gzip::GzipMap;
-pub use persist::{index_path, load_index, save_index};
+pub use persist::{decode_index, encode_index, has_index, index_path, load_index, save_index};
+pub use plain::PlainMap;
 pub use reader::LayerReader;
+pub use remote::{FetchStats, RemoteBlob};
 pub use scan::ScanError;
+pub use source::{BlobSource, LocalBlob};
 pub use zstd::ZstdMap;
 
 use crate::digest::Digest;
@@ -136,12 +142,33 @@ pub struct LayerIndex {
 /// The random-access map of a blob: one type per format.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum AccessMap {
-    /// Uncompressed offsets are blob offsets.
-    Plain,
+    /// Uncompressed offsets are blob offsets; chunk digests for remote reads.
+    Plain(PlainMap),
     /// gzip checkpoints.
     Gzip(GzipMap),
     /// zstd frames.
     Zstd(ZstdMap),
+}
+
+impl AccessMap {
+    /// Number of chunks: the units a remote read fetches and verifies (a
+    /// gzip span, a zstd frame, a [`SPAN_SIZE`] piece of a plain blob).
+    pub fn chunk_count(&self) -> usize {
+        match self {
+            AccessMap::Plain(map) => map.chunk_digests.len(),
+            AccessMap::Gzip(map) => map.checkpoints.len(),
+            AccessMap::Zstd(map) => map.frames.len(),
+        }
+    }
+
+    /// The blob bytes of chunk `i` and their sha256.
+    pub fn chunk(&self, i: usize) -> (std::ops::Range<u64>, &Digest) {
+        match self {
+            AccessMap::Plain(map) => (map.chunk_range(i), &map.chunk_digests[i]),
+            AccessMap::Gzip(map) => (map.span_input_range(i), &map.checkpoints[i].span_digest),
+            AccessMap::Zstd(map) => (map.frame_range(i), &map.frames[i].digest),
+        }
+    }
 }
 
 /// Errors from indexing or reading a layer.

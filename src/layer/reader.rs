@@ -1,7 +1,7 @@
 //! [`LayerReader`]: reads of the uncompressed tar stream served from the
 //! compressed blob through its access map and the shared span cache.
 
-use super::gzip::GzipMap;
+use super::source::{BlobSource, LocalBlob};
 use super::zstd::{ZstdMap, ZstdSpan};
 use super::{
     build_index, corrupt_reason, load_index, save_index, AccessMap, LayerError, LayerIndex,
@@ -9,7 +9,7 @@ use super::{
 use crate::cache::{SpanCache, SpanData, SpanKey};
 use crate::digest::Digest;
 use std::fs::File;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,10 +22,10 @@ use std::sync::Arc;
 #[derive(Clone)]
 pub struct LayerReader {
     index: Arc<LayerIndex>,
-    blob: Arc<File>,
+    source: Arc<dyn BlobSource>,
     digest: Arc<Digest>,
     cache: Arc<SpanCache>,
-    /// Uncompressed start of each span (empty for plain blobs).
+    /// Uncompressed start of each span.
     span_starts: Arc<[u64]>,
     /// zstd only: the frame of each span.
     zstd_spans: Arc<[ZstdSpan]>,
@@ -56,13 +56,20 @@ impl LayerReader {
                 index
             }
         };
-        Ok(Self::with_index(Arc::new(index), blob, cache))
+        Ok(Self::with_index(Arc::new(index), Arc::new(LocalBlob(blob)), cache))
     }
 
-    /// A reader over an already opened blob and its index.
-    pub fn with_index(index: Arc<LayerIndex>, blob: File, cache: Arc<SpanCache>) -> Self {
+    /// A reader of the blob behind `source`, described by `index`.
+    pub fn with_index(
+        index: Arc<LayerIndex>,
+        source: Arc<dyn BlobSource>,
+        cache: Arc<SpanCache>,
+    ) -> Self {
         let (span_starts, zstd_spans) = match &index.access {
-            AccessMap::Plain => (Vec::new(), Vec::new()),
+            AccessMap::Plain(map) => {
+                let starts = (0..map.chunk_digests.len()).map(|i| map.chunk_range(i).start);
+                (starts.collect::<Vec<u64>>(), Vec::new())
+            }
             AccessMap::Gzip(map) => {
                 ((0..map.span_count()).map(|i| map.span_start(i)).collect(), Vec::new())
             }
@@ -74,7 +81,7 @@ impl LayerReader {
         let digest = Arc::new(index.blob_digest.clone());
         Self {
             index,
-            blob: Arc::new(blob),
+            source,
             digest,
             cache,
             span_starts: span_starts.into(),
@@ -96,8 +103,8 @@ impl LayerReader {
             return Ok(0);
         }
         let len = buf.len().min((size - offset) as usize);
-        if matches!(self.index.access, AccessMap::Plain) {
-            self.blob.read_exact_at(&mut buf[..len], offset).map_err(|e| self.error(e))?;
+        if let Some(file) = self.direct_file() {
+            file.read_exact_at(&mut buf[..len], offset).map_err(|e| self.error(e))?;
             return Ok(len);
         }
         let mut done = 0;
@@ -122,12 +129,23 @@ impl LayerReader {
         Ok(len)
     }
 
-    /// Decompresses gzip span `i` in the background when a read has gone
-    /// past the middle of the span before it: a sequential reader then finds
-    /// it ready, and the inflating runs on another core meanwhile. One
-    /// read-ahead per layer at a time, so random reads cannot pile them up.
+    /// A plain blob in a local file is read directly, bypassing spans.
+    fn direct_file(&self) -> Option<&File> {
+        match self.index.access {
+            AccessMap::Plain(_) => self.source.local_file(),
+            _ => None,
+        }
+    }
+
+    /// Loads span `i` in the background when a read has gone past the
+    /// middle of the span before it: a sequential reader then finds it
+    /// ready, and the inflating (or fetching, for a remote blob) runs
+    /// meanwhile. One read-ahead per layer at a time, so random reads cannot
+    /// pile them up.
     fn read_ahead(&self, i: usize) {
-        if !matches!(self.index.access, AccessMap::Gzip(_))
+        let worth_it =
+            matches!(self.index.access, AccessMap::Gzip(_)) || self.source.local_file().is_none();
+        if !worth_it
             || i >= self.span_starts.len()
             || self.cache.has(&self.key(i))
             || self.reading_ahead.swap(true, Ordering::AcqRel)
@@ -147,7 +165,7 @@ impl LayerReader {
     /// (plain blob, or every span under them cached)?
     pub fn is_ready(&self, offset: u64, len: u64) -> bool {
         let size = self.index.uncompressed_size;
-        if matches!(self.index.access, AccessMap::Plain) || offset >= size || len == 0 {
+        if self.direct_file().is_some() || offset >= size || len == 0 {
             return true;
         }
         let span_of = |pos: u64| self.span_starts.partition_point(|&start| start <= pos) - 1;
@@ -199,23 +217,41 @@ impl LayerReader {
     fn span(&self, i: usize) -> Result<SpanData, LayerError> {
         self.cache.get_or_load(&self.key(i), || {
             let data = match &self.index.access {
-                AccessMap::Plain => {
-                    return Err(self.error(io::Error::other("plain blobs have no spans")))
+                AccessMap::Plain(_) => self.chunk_bytes(i)?,
+                AccessMap::Gzip(map) => {
+                    let input = self.chunk_bytes(i)?;
+                    map.decode_span(&input, i, self.span_len(i)).map_err(|e| self.error(e))?
                 }
-                AccessMap::Gzip(map) => self.decode_gzip(map, i)?,
                 AccessMap::Zstd(map) => self.decode_zstd(map, i)?,
             };
             Ok(Arc::new(data))
         })
     }
 
-    fn decode_gzip(&self, map: &GzipMap, i: usize) -> Result<Vec<u8>, LayerError> {
-        map.decode_span(&self.blob, i, self.span_len(i)).map_err(|e| self.error(e))
+    /// The verified bytes of chunk `i` from the source.
+    fn chunk_bytes(&self, i: usize) -> Result<Vec<u8>, LayerError> {
+        let (range, digest) = self.index.access.chunk(i);
+        let len = (range.end - range.start) as usize;
+        let mut data = Vec::with_capacity(len);
+        self.source
+            .open_chunk(i, range, digest)
+            .and_then(|mut chunk| chunk.read_to_end(&mut data))
+            .map_err(|e| self.error(e))?;
+        if data.len() != len {
+            return Err(self.error(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("chunk {i} has {} bytes, the index says {len}", data.len()),
+            )));
+        }
+        Ok(data)
     }
 
     fn decode_zstd(&self, map: &ZstdMap, target: usize) -> Result<Vec<u8>, LayerError> {
+        let frame = self.zstd_spans[target].frame;
+        let (range, digest) = self.index.access.chunk(frame);
+        let mut input = self.source.open_chunk(frame, range, digest).map_err(|e| self.error(e))?;
         let mut wanted = None;
-        map.decode_span(&self.blob, &self.zstd_spans, target, &mut |i, data| {
+        map.decode_span(&mut input, &self.zstd_spans, target, &mut |i, data| {
             if i == target {
                 wanted = Some(data);
             } else {

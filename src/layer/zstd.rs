@@ -8,9 +8,8 @@ use super::SPAN_SIZE;
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
-use std::fs::File;
-use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::io::{self, BufRead, BufReader, Read};
+use std::ops::Range;
 use zstd::stream::raw::{Decoder, InBuffer, Operation, OutBuffer};
 
 /// One zstd frame of a blob.
@@ -62,37 +61,41 @@ impl ZstdMap {
         spans
     }
 
-    /// Decodes `spans[target]`, calling `emit(span index, data)` for it and
+    /// The compressed bytes of frame `i`; `frames[i].digest` is their sha256.
+    pub fn frame_range(&self, i: usize) -> Range<u64> {
+        let end = self.frames.get(i + 1).map_or(self.compressed_size, |f| f.in_offset);
+        self.frames[i].in_offset..end
+    }
+
+    /// Decodes `spans[target]` from `frame`, a reader of its frame's bytes
+    /// ([`ZstdMap::frame_range`]), calling `emit(span index, data)` for it and
     /// for every span of the same frame decoded on the way.
     pub fn decode_span(
         &self,
-        file: &File,
+        frame: &mut dyn Read,
         spans: &[ZstdSpan],
         target: usize,
         emit: &mut dyn FnMut(usize, Vec<u8>),
     ) -> io::Result<()> {
         let frame_index = spans[target].frame;
-        let frame = &self.frames[frame_index];
-        let in_end = self.frames.get(frame_index + 1).map_or(self.compressed_size, |f| f.in_offset);
         let first = spans.iter().position(|s| s.frame == frame_index).unwrap_or(target);
         let span_len = |i: usize| -> usize {
             let end = spans.get(i + 1).map_or(self.uncompressed_size, |s| s.out_start);
             (end - spans[i].out_start) as usize
         };
         let mut decoder = Decoder::new()?;
-        let mut input = vec![0u8; 1 << 20];
-        let mut in_pos = frame.in_offset;
+        let mut input = BufReader::with_capacity(1 << 20, frame);
         let mut current = first;
         let mut out = vec![0u8; span_len(current)];
         let mut filled = 0;
         while current <= target {
-            let want = (input.len() as u64).min(in_end - in_pos) as usize;
-            if want == 0 {
+            let available = input.fill_buf()?;
+            if available.is_empty() {
                 return Err(super::corrupt("zstd frame ends early"));
             }
-            file.read_exact_at(&mut input[..want], in_pos)?;
-            let mut src = InBuffer::around(&input[..want]);
-            while src.pos() < want || filled == out.len() {
+            let mut src = InBuffer::around(available);
+            let mut progress = false;
+            while src.pos() < available.len() || filled == out.len() {
                 if filled == out.len() {
                     emit(current, std::mem::take(&mut out));
                     if current == target {
@@ -112,8 +115,13 @@ impl ZstdMap {
                 if produced == 0 && src.pos() == before {
                     break;
                 }
+                progress = true;
             }
-            in_pos += src.pos() as u64;
+            let used = src.pos();
+            input.consume(used);
+            if !progress {
+                return Err(super::corrupt("zstd frame makes no progress"));
+            }
         }
         Ok(())
     }

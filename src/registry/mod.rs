@@ -17,13 +17,15 @@
 //! | `transport` | one request with retries, backoff, `Retry-After` |
 //! | `client` | [`Client`] and [`Repository`]: authenticated requests, manifests |
 //! | `blob` | [`BlobStream`] (resuming download) and range reads |
-//! | `upload` | blob uploads (monolithic, chunked, cross-repo mount) and manifest puts |
+//! | `upload` | blob uploads (monolithic, chunked, cross-repo mount, from memory) and manifest puts |
+//! | `referrers` | the OCI 1.1 Referrers API listing (`None` where the registry lacks it) |
 
 mod auth;
 mod blob;
 mod client;
 mod credentials;
 mod hosts;
+mod referrers;
 mod transport;
 mod upload;
 

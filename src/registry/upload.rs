@@ -7,10 +7,11 @@
 //! The transport sends a request again after a connection error, `429` or
 //! `5xx`, calling the request builder once per attempt, so every body here
 //! can be made twice: a chunk is read into memory and shared, a whole blob
-//! is reopened from its file. A retried `PATCH` whose first attempt did
-//! reach the registry leaves the session at the wrong offset; the registry
-//! then answers `416`, and the upload restarts once with a fresh session
-//! (Docker and containerd do the same) rather than guessing the offset.
+//! is reopened from its file, a small blob given as bytes is copied. A
+//! retried `PATCH` whose first attempt did reach the registry leaves the
+//! session at the wrong offset; the registry then answers `416`, and the
+//! upload restarts once with a fresh session (Docker and containerd do the
+//! same) rather than guessing the offset.
 //!
 //! Progress counts the bytes reqwest reads from a body, as a high-water
 //! mark over the blob: bytes sent again by a retry or a restart are not
@@ -64,6 +65,17 @@ enum Start {
     Mounted,
     /// An upload session to send the bytes to.
     Session(Session),
+}
+
+/// What the `PUT` that completes an upload carries.
+#[derive(Clone, Copy)]
+enum Final<'a> {
+    /// Nothing: the bytes went in `PATCH`ed chunks.
+    Empty,
+    /// The whole blob, read from its file and counted.
+    File(&'a BlobPush, &'a Sent),
+    /// The whole blob, from memory.
+    Bytes(&'a [u8]),
 }
 
 struct Session {
@@ -233,9 +245,9 @@ impl Repository {
         match chunk {
             Some(chunk) if blob.size > chunk => {
                 let location = self.send_chunks(endpoint, blob, &session.location, chunk, sent)?;
-                self.complete(endpoint, blob, &location, None)
+                self.complete(endpoint, &blob.digest, &location, Final::Empty)
             }
-            _ => self.complete(endpoint, blob, &session.location, Some(sent)),
+            _ => self.complete(endpoint, &blob.digest, &session.location, Final::File(blob, sent)),
         }
     }
 
@@ -289,40 +301,71 @@ impl Repository {
         Ok(location)
     }
 
-    /// `PUT <location>?digest=`: with the whole blob when `whole` is given,
-    /// else empty (the chunks were sent already).
+    /// `PUT <location>?digest=` with `body`, which completes the upload.
     fn complete(
         &self,
         endpoint: &Endpoint,
-        blob: &BlobPush,
+        digest: &Digest,
         location: &str,
-        whole: Option<&Sent>,
+        body: Final<'_>,
     ) -> Result<(), RegistryError> {
-        let url = with_query(location, "digest", &blob.digest.to_string());
+        let url = with_query(location, "digest", &digest.to_string());
         let response = self.send(endpoint, None, &url, &|http| {
             let request = http.put(&url).header(CONTENT_TYPE, OCTET_STREAM);
-            match whole {
-                Some(sent) => {
+            match body {
+                Final::File(blob, sent) => {
                     let file = LazyFile { path: blob.path.clone(), file: None, len: blob.size };
                     let body = Counting { inner: file, position: 0, sent: sent.clone() };
                     request.body(Body::sized(body, blob.size))
                 }
-                None => request.body(Vec::new()),
+                Final::Bytes(data) => request.body(data.to_vec()),
+                Final::Empty => request.body(Vec::new()),
             }
         })?;
         if response.status() != StatusCode::CREATED {
             return Err(unexpected(response, &url, "201 Created"));
         }
         if let Some(announced) = header(&response, "docker-content-digest") {
-            if announced != blob.digest.to_string() {
+            if announced != digest.to_string() {
                 return Err(RegistryError::DigestMismatch {
                     what: format!("blob upload to {}", self.full_name()),
                     expected: announced,
-                    actual: blob.digest.clone(),
+                    actual: digest.clone(),
                 });
             }
         }
         Ok(())
+    }
+
+    /// Puts the small blob `data` (a config, an index artifact's payload)
+    /// into the repository unless it has it already, in one `PUT` that the
+    /// transport may send again; returns its digest. Like [`push_blob`],
+    /// a failed session is started over once.
+    ///
+    /// [`push_blob`]: Repository::push_blob
+    pub fn push_blob_bytes(&self, data: &[u8]) -> Result<Digest, RegistryError> {
+        let digest = Digest::of(data);
+        if self.has_blob(&digest)? {
+            return Ok(digest);
+        }
+        self.on_endpoints(Capability::Push, |endpoint| {
+            let mut restarted = false;
+            loop {
+                // Without `?mount=` the registry always opens a session.
+                let Start::Session(session) = self.start_upload(endpoint, None)? else {
+                    return Ok(digest.clone());
+                };
+                match self.complete(endpoint, &digest, &session.location, Final::Bytes(data)) {
+                    Ok(()) => return Ok(digest.clone()),
+                    Err(e) if !restarted && restartable(&e) => {
+                        tracing::warn!(blob = %digest, error = %e, "upload failed; starting over");
+                        self.cancel(endpoint, &session.location);
+                        restarted = true;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+        })
     }
 
     /// Abandons an upload session; best effort, registries expire them anyway.

@@ -82,6 +82,12 @@ impl Store {
         self.record_path(mountpoint).with_extension("log")
     }
 
+    /// Where the serving process of `mountpoint` writes its fetch statistics
+    /// (lazy mounts; read by `rmount stats`).
+    pub fn mount_stats_path(&self, mountpoint: &Path) -> PathBuf {
+        self.record_path(mountpoint).with_extension("stats.json")
+    }
+
     /// Records a live mount.
     pub fn add_mount(&self, record: &MountRecord) -> Result<(), StoreError> {
         let path = self.record_path(&record.mountpoint);

@@ -2,11 +2,17 @@
 //! platform choice, config and layers in parallel, each layer indexed while
 //! it streams in) and `push` (blobs that are missing upstream, then the
 //! manifest). Progress is reported through [`Progress`], so the CLI can draw
-//! bars and library callers can ignore it.
+//! bars and library callers can ignore it. `index_artifact` publishes and
+//! fetches layer indexes as an OCI artifact referring to the image.
 
+mod index_artifact;
 mod pull;
 mod push;
 
+pub use index_artifact::{
+    build_index_artifact, fetch_index_artifact, IndexArtifactReport, IndexedLayer,
+    INDEX_ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION, LAYER_INDEX_MEDIA_TYPE,
+};
 pub use pull::{pull, PullOptions, Pulled};
 pub use push::{push, PushOptions, Pushed};
 

@@ -6,10 +6,11 @@
 //! out; the manifest and the tag are written last, so an interrupted pull
 //! leaves at most unreferenced blobs.
 
+use super::index_artifact::fetch_index_artifact;
 use super::{BlobOutcome, Progress, TransferError};
 use crate::digest::{Digest, HashingReader};
 use crate::durable::AtomicFile;
-use crate::layer::{build_index, save_index, LayerError};
+use crate::layer::{build_index, has_index, save_index, LayerError};
 use crate::platform::{describe, Platform};
 use crate::reference::Reference;
 use crate::registry::{Action, BlobStream, Client, Manifest, RegistryError, Repository};
@@ -28,11 +29,15 @@ pub struct PullOptions {
     pub all_platforms: bool,
     /// Layers downloaded at once.
     pub jobs: usize,
+    /// For a lazy mount: fetch only each layer's index (from the local
+    /// index cache or an index artifact in the registry); a layer is
+    /// downloaded only when neither has its index.
+    pub lazy: bool,
 }
 
 impl Default for PullOptions {
     fn default() -> Self {
-        Self { platform: Platform::host(), all_platforms: false, jobs: 3 }
+        Self { platform: Platform::host(), all_platforms: false, jobs: 3, lazy: false }
     }
 }
 
@@ -84,7 +89,7 @@ pub fn pull(
         for child in children {
             let digest = descriptor_digest(child)?;
             let manifest = repository.manifest(&digest.to_string())?;
-            let id = pull_image(store, &repository, &manifest, options.jobs, progress)?;
+            let id = pull_image(store, &repository, &manifest, options, progress)?;
             pulled.push((manifest, id));
         }
         if options.all_platforms {
@@ -103,7 +108,7 @@ pub fn pull(
             (chosen, tagged)
         }
     } else {
-        let id = pull_image(store, &repository, &top, options.jobs, progress)?;
+        let id = pull_image(store, &repository, &top, options, progress)?;
         ((top.clone(), id), top.clone())
     };
     let name = reference.tag.as_ref().map(|_| reference.without_digest().to_string());
@@ -136,7 +141,7 @@ fn pull_image(
     store: &Store,
     repository: &Repository,
     manifest: &Manifest,
-    jobs: usize,
+    options: &PullOptions,
     progress: &dyn Progress,
 ) -> Result<Digest, TransferError> {
     let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes)
@@ -160,9 +165,42 @@ fn pull_image(
         .iter()
         .map(|d| Ok((descriptor_digest(d)?, d.size())))
         .collect::<Result<Vec<_>, TransferError>>()?;
-    fetch_layers(store, repository, &layers, jobs, progress)?;
+    let layers = if options.lazy {
+        layers_without_index(store, repository, &manifest.digest, layers)
+    } else {
+        layers
+    };
+    fetch_layers(store, repository, &layers, options.jobs, progress)?;
     store.put_blob_bytes(&manifest.bytes)?;
     Ok(config)
+}
+
+/// The layers of a lazy pull that must be downloaded after all: those not
+/// in the store whose index is neither in the local index cache nor in an
+/// index artifact in the registry.
+fn layers_without_index(
+    store: &Store,
+    repository: &Repository,
+    manifest: &Digest,
+    layers: Vec<(Digest, u64)>,
+) -> Vec<(Digest, u64)> {
+    let index_dir = store.index_dir();
+    let mut missing: Vec<(Digest, u64)> = layers
+        .into_iter()
+        .filter(|(d, _)| !store.blob_path(d).exists() && !has_index(&index_dir, d))
+        .collect();
+    if missing.is_empty() {
+        return missing;
+    }
+    let digests: Vec<Digest> = missing.iter().map(|(d, _)| d.clone()).collect();
+    match fetch_index_artifact(repository, manifest, &digests, &index_dir) {
+        Ok(found) => missing.retain(|(d, _)| !found.contains(d)),
+        Err(e) => tracing::warn!(error = %e, "cannot use the image's index artifact"),
+    }
+    for (digest, _) in &missing {
+        tracing::warn!(layer = %digest, "no index for this layer: downloading it in full (`rmount index build --push` publishes indexes)");
+    }
+    missing
 }
 
 /// Downloads the layers the store lacks, `jobs` at a time. The first error

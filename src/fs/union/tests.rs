@@ -24,7 +24,7 @@ fn layer(entries: Vec<Entry>) -> Arc<LayerIndex> {
         compression: Compression::None,
         uncompressed_size: 0,
         entries,
-        access: AccessMap::Plain,
+        access: AccessMap::Plain(Default::default()),
     })
 }
 

@@ -8,6 +8,9 @@
 //! tries again, so nobody waits forever. The map lock is never held while a
 //! span is being decompressed: a hit is a hash lookup and an `Arc` clone.
 
+mod disk;
+pub use disk::{parse_size, DiskCache};
+
 use crate::digest::Digest;
 use lru::LruCache;
 use std::collections::HashSet;

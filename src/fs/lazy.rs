@@ -1,0 +1,255 @@
+//! The remote side of a lazy mount: layers whose blob is not in the store
+//! are read from the registry through [`RemoteBlob`]s. This module opens
+//! them, prefetches their chunks in the background when asked, and keeps
+//! the statistics file `rmount stats` reads (rewritten about once a second
+//! while something changes).
+
+use crate::cache::DiskCache;
+use crate::digest::Digest;
+use crate::layer::{FetchStats, LayerIndex, RemoteBlob};
+use crate::registry::Client;
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What a lazy mount needs to reach the registry.
+#[derive(Clone)]
+pub struct RemoteOptions {
+    /// The registry client (credentials, mirrors, retries).
+    pub client: Client,
+    /// The disk tier of the chunk cache (`None`: memory only).
+    pub disk: Option<Arc<DiskCache>>,
+    /// How long a read keeps retrying a failed fetch before `EIO`.
+    pub fetch_timeout: Duration,
+    /// Fetch every chunk in the background after mounting.
+    pub prefetch: bool,
+    /// Bytes per second the prefetch may use (`None`: unlimited).
+    pub prefetch_rate: Option<u64>,
+}
+
+/// The disk tier's default bound (`--cache-size`).
+pub const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+
+/// The default fetch timeout (`--fetch-timeout`).
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where the disk tier of the chunk cache lives under the state directory.
+pub fn chunk_cache_dir(root: &Path) -> PathBuf {
+    root.join("cache/chunks")
+}
+
+/// Opens the disk tier, or warns and goes without it.
+pub fn open_disk_cache(root: &Path, max_bytes: u64) -> Option<Arc<DiskCache>> {
+    if max_bytes == 0 {
+        return None;
+    }
+    let dir = chunk_cache_dir(root);
+    match DiskCache::open(&dir, max_bytes) {
+        Ok(cache) => Some(Arc::new(cache)),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "no disk cache; chunks are kept in memory only");
+            None
+        }
+    }
+}
+
+impl RemoteOptions {
+    /// The defaults, for reading a lazily pulled image outside a mount
+    /// (commit, export): the user's registry configuration and the state
+    /// directory's disk cache.
+    pub fn defaults(root: &Path) -> Result<Self, crate::registry::RegistryError> {
+        Ok(Self {
+            client: Client::new(crate::registry::ClientOptions::default())?,
+            disk: open_disk_cache(root, DEFAULT_CACHE_SIZE),
+            fetch_timeout: DEFAULT_FETCH_TIMEOUT,
+            prefetch: false,
+            prefetch_rate: None,
+        })
+    }
+}
+
+impl std::fmt::Debug for RemoteOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteOptions")
+            .field("disk", &self.disk.as_ref().map(|d| d.max_bytes()))
+            .field("fetch_timeout", &self.fetch_timeout)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One layer of a mount, as the statistics see it.
+pub struct LayerSource {
+    /// The blob.
+    pub digest: Digest,
+    /// Compressed size.
+    pub size: u64,
+    /// The chunks' byte ranges and digests.
+    pub index: Arc<LayerIndex>,
+    /// `None` for a layer read from the store.
+    pub remote: Option<Arc<RemoteBlob>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct LayerStats {
+    digest: String,
+    size: u64,
+    remote: bool,
+    chunks: usize,
+    chunks_cached: usize,
+    fetched_bytes: u64,
+    fetched_percent: f64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Latency {
+    p50: u32,
+    p90: u32,
+    p99: u32,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MountStats {
+    mountpoint: PathBuf,
+    reference: String,
+    fetched_bytes: u64,
+    fetches: u64,
+    cache_hits: u64,
+    cache_misses: u64,
+    corrupt_chunks: u64,
+    fetch_latency_ms: Latency,
+    fetched_percent: f64,
+    layers: Vec<LayerStats>,
+}
+
+fn percent(part: u64, whole: u64) -> f64 {
+    if whole == 0 {
+        100.0
+    } else {
+        (part as f64 * 1000.0 / whole as f64).round() / 10.0
+    }
+}
+
+fn percentile(sorted: &[u32], p: usize) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+fn snapshot(reference: &str, mountpoint: &Path, layers: &[LayerSource]) -> MountStats {
+    let counter = |f: fn(&FetchStats) -> u64| -> u64 {
+        layers.iter().filter_map(|l| l.remote.as_ref()).map(|r| f(&r.stats())).sum()
+    };
+    let mut latencies: Vec<u32> = layers
+        .iter()
+        .filter_map(|l| l.remote.as_ref())
+        .flat_map(|r| r.stats().latencies_ms())
+        .collect();
+    latencies.sort_unstable();
+    let (mut cached_bytes, mut total_bytes) = (0u64, 0u64);
+    let layer_stats = layers
+        .iter()
+        .map(|layer| {
+            let chunks = layer.index.access.chunk_count();
+            let (mut cached, mut cached_size) = (0, 0);
+            for i in 0..chunks {
+                let (range, _) = layer.index.access.chunk(i);
+                if layer.remote.as_ref().is_none_or(|r| r.has_chunk(i)) {
+                    cached += 1;
+                    cached_size += range.end - range.start;
+                }
+            }
+            let size = layer.size.max(cached_size);
+            cached_bytes += cached_size;
+            total_bytes += size;
+            LayerStats {
+                digest: layer.digest.to_string(),
+                size: layer.size,
+                remote: layer.remote.is_some(),
+                chunks,
+                chunks_cached: cached,
+                fetched_bytes: layer
+                    .remote
+                    .as_ref()
+                    .map_or(0, |r| r.stats().fetched_bytes.load(Ordering::Relaxed)),
+                fetched_percent: percent(cached_size, size),
+            }
+        })
+        .collect();
+    MountStats {
+        mountpoint: mountpoint.to_path_buf(),
+        reference: reference.to_string(),
+        fetched_bytes: counter(|s| s.fetched_bytes.load(Ordering::Relaxed)),
+        fetches: counter(|s| s.fetches.load(Ordering::Relaxed)),
+        cache_hits: counter(|s| s.disk_hits.load(Ordering::Relaxed)),
+        cache_misses: counter(|s| s.misses.load(Ordering::Relaxed)),
+        corrupt_chunks: counter(|s| s.corrupt.load(Ordering::Relaxed)),
+        fetch_latency_ms: Latency {
+            p50: percentile(&latencies, 50),
+            p90: percentile(&latencies, 90),
+            p99: percentile(&latencies, 99),
+        },
+        fetched_percent: percent(cached_bytes, total_bytes),
+        layers: layer_stats,
+    }
+}
+
+/// Writes the statistics of `layers` to `path` now and then about once a
+/// second whenever they changed, on a thread that lives as long as the process.
+pub fn keep_stats(
+    path: PathBuf,
+    reference: String,
+    mountpoint: PathBuf,
+    layers: Arc<Vec<LayerSource>>,
+) {
+    std::thread::spawn(move || {
+        let mut last = String::new();
+        loop {
+            let stats = snapshot(&reference, &mountpoint, &layers);
+            if let Ok(json) = serde_json::to_string_pretty(&stats) {
+                if json != last {
+                    if let Err(e) = crate::durable::write_atomic(&path, json.as_bytes()) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot write mount statistics");
+                    }
+                    last = json;
+                }
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+}
+
+/// Fetches every chunk of the remote layers that is not on disk yet, one at
+/// a time on a background thread (on-demand reads run beside it on their
+/// own threads), at most `rate` bytes per second.
+pub fn prefetch(layers: Arc<Vec<LayerSource>>, rate: Option<u64>) {
+    std::thread::spawn(move || {
+        for layer in layers.iter() {
+            let Some(remote) = &layer.remote else { continue };
+            for i in 0..layer.index.access.chunk_count() {
+                if remote.has_chunk(i) {
+                    continue;
+                }
+                let (range, digest) = layer.index.access.chunk(i);
+                let started = std::time::Instant::now();
+                let len = range.end - range.start;
+                if let Err(e) = remote.chunk(i, range, digest) {
+                    tracing::warn!(layer = %layer.digest, chunk = i, error = %e, "prefetch failed");
+                }
+                if let Some(rate) = rate.filter(|r| *r > 0) {
+                    let budget = Duration::from_secs_f64(len as f64 / rate as f64);
+                    if let Some(rest) = budget.checked_sub(started.elapsed()) {
+                        std::thread::sleep(rest);
+                    }
+                }
+            }
+        }
+        tracing::info!("prefetch done");
+    });
+}

@@ -69,4 +69,12 @@ echo "== rmount pull into an empty store, then mount what came from the registry
 "$RMOUNT" --root "$REG_DIR/store" "127.0.0.1:$PORT/demo/debian:changed" "$MNT" --read-only
 chroot "$MNT" /bin/cat /etc/motd
 "$RMOUNT" --root "$REG_DIR/store" umount "$MNT"
+echo "== publish the layers' random-access indexes next to the image (an OCI artifact)"
+"$RMOUNT" index build localhost/debian:changed --dest "127.0.0.1:$PORT/demo/debian:changed" --push
+echo "== a lazy mount from another empty store: ready at once, data fetched on first read"
+time "$RMOUNT" --root "$REG_DIR/lazy" "127.0.0.1:$PORT/demo/debian:changed" "$MNT" --read-only
+chroot "$MNT" /bin/cat /etc/motd
+sleep 1.2   # the serving process refreshes its statistics every second
+"$RMOUNT" --root "$REG_DIR/lazy" stats "$MNT"
+"$RMOUNT" --root "$REG_DIR/lazy" umount "$MNT"
 echo "demo done"

@@ -1,11 +1,14 @@
 //! Content digests (`sha256:<64 hex>`), the names of every blob, and
-//! readers/writers that hash what passes through them.
+//! readers/writers that hash what passes through them, on the caller's
+//! thread or, for the long streams of the indexing pass, on one of their own.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::str::FromStr;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::thread::{self, JoinHandle};
 
 /// A validated `sha256:<hex>` digest.
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -148,6 +151,107 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
+/// Bytes a [`HashingThread`] receives at a time: large enough that handing
+/// a buffer over costs nothing next to hashing it.
+const CHUNK: usize = 1 << 20;
+/// Full buffers queued for a [`HashingThread`]: enough to ride out
+/// scheduling hiccups, few enough to bound its memory (`DEPTH + 2` chunks).
+const DEPTH: usize = 4;
+
+/// A sink that hashes and counts what is written to it on a thread of its
+/// own, so the writer's core stays free for other work: the indexing pass
+/// is bound by inflating, which cannot be split, while the compressed and
+/// the uncompressed stream can each be hashed on another core.
+///
+/// Writes are gathered into [`CHUNK`]-byte buffers that cross a bounded
+/// channel, so a slow hasher throttles the writer, and come back to be
+/// reused. Dropping it unfinished stops the thread.
+pub struct HashingThread {
+    /// The buffer being filled; sent when full.
+    pending: Vec<u8>,
+    full: SyncSender<Vec<u8>>,
+    /// Buffers the thread has hashed, for reuse.
+    empty: Receiver<Vec<u8>>,
+    worker: JoinHandle<Sha256>,
+    count: u64,
+}
+
+impl HashingThread {
+    /// Starts the thread.
+    pub fn spawn() -> io::Result<Self> {
+        let (full, to_hash) = mpsc::sync_channel::<Vec<u8>>(DEPTH);
+        let (hashed, empty) = mpsc::channel();
+        let worker = thread::Builder::new().name("sha256".into()).spawn(move || {
+            let mut hasher = Sha256::new();
+            for mut chunk in to_hash {
+                hasher.update(&chunk);
+                chunk.clear();
+                // Fails only once the writer is gone; the buffer is freed then.
+                let _ = hashed.send(chunk);
+            }
+            hasher
+        })?;
+        Ok(Self { pending: Vec::with_capacity(CHUNK), full, empty, worker, count: 0 })
+    }
+
+    fn send_pending(&mut self) -> io::Result<()> {
+        let next = self.empty.try_recv().unwrap_or_else(|_| Vec::with_capacity(CHUNK));
+        let chunk = std::mem::replace(&mut self.pending, next);
+        self.full.send(chunk).map_err(|_| io::Error::other("the hashing thread stopped"))
+    }
+
+    /// The digest and length of everything written.
+    pub fn finish(mut self) -> io::Result<(Digest, u64)> {
+        if !self.pending.is_empty() {
+            self.send_pending()?;
+        }
+        let Self { full, worker, count, .. } = self;
+        drop(full);
+        let hasher = worker.join().map_err(|_| io::Error::other("the hashing thread panicked"))?;
+        Ok((Digest::from_hasher(hasher), count))
+    }
+}
+
+impl Write for HashingThread {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(CHUNK - self.pending.len());
+        self.pending.extend_from_slice(&buf[..n]);
+        self.count += n as u64;
+        if self.pending.len() == CHUNK {
+            self.send_pending()?;
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A reader that passes bytes through while a [`HashingThread`] hashes them.
+pub struct ThreadHashingReader<R> {
+    inner: R,
+    hasher: HashingThread,
+}
+
+impl<R: Read> ThreadHashingReader<R> {
+    /// Wraps `inner`, starting the hashing thread.
+    pub fn new(inner: R) -> io::Result<Self> {
+        Ok(Self { inner, hasher: HashingThread::spawn()? })
+    }
+    /// The digest and length of everything read.
+    pub fn finish(self) -> io::Result<(Digest, u64)> {
+        self.hasher.finish()
+    }
+}
+
+impl<R: Read> Read for ThreadHashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -176,5 +280,16 @@ mod tests {
         let mut r = HashingReader::new(&b"hello"[..]);
         io::copy(&mut r, &mut io::sink()).unwrap();
         assert_eq!(r.finish(), (Digest::of(b"hello"), 5));
+    }
+
+    #[test]
+    fn hashing_thread_matches_of_across_chunk_boundaries() {
+        for len in [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, 3 * CHUNK + 7, (DEPTH + 3) * CHUNK] {
+            let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let mut r = ThreadHashingReader::new(&data[..]).unwrap();
+            let mut buf = vec![0u8; 300_000];
+            while r.read(&mut buf).unwrap() > 0 {}
+            assert_eq!(r.finish().unwrap(), (Digest::of(&data), len as u64), "length {len}");
+        }
     }
 }

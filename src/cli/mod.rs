@@ -366,6 +366,14 @@ pub struct MountArgs {
     /// Bandwidth limit of --prefetch all, bytes per second (e.g. 20M).
     #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     pub prefetch_rate: Option<u64>,
+    /// The file list for --prefetch recorded. [default: the list published
+    /// with the image's index artifact]
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
+    /// Save the list of files read through the mount to FILE when it is
+    /// unmounted (for `rmount index build --prefetch-list`).
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
     /// Platform of a multi-platform image not in the store (os/arch[/variant]).
     #[arg(long, value_name = "PLATFORM")]
     pub platform: Option<String>,
@@ -381,6 +389,9 @@ pub enum PrefetchArg {
     None,
     /// Everything, in the background, after the mount is ready.
     All,
+    /// The files a recorded workload read (--prefetch-list, or the list
+    /// published with the index artifact), in parallel, after the mount is ready.
+    Recorded,
 }
 
 fn parse_size_arg(text: &str) -> Result<u64, String> {
@@ -398,9 +409,12 @@ pub struct IndexArgs {
 /// The `rmount index` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum IndexCommand {
-    /// Index every layer of a stored image; with --push, publish the indexes
-    /// to its registry as an artifact referring to the image (which stays
-    /// unchanged), so lazy mounts need not download layers to index them.
+    /// Index the layers of a stored image; with --push, publish the indexes to its registry.
+    ///
+    /// The indexes travel as an OCI artifact whose subject is the image's
+    /// manifest: the image, its digest and its signatures stay unchanged,
+    /// and lazy mounts fetch the indexes instead of downloading whole layers
+    /// to build them.
     Build(IndexBuildArgs),
 }
 

@@ -3,8 +3,10 @@
 
 use super::registry::{client, Bars};
 use super::{MountArgs, PrefetchArg, StatsArgs, UmountArgs};
+use crate::digest::Digest;
 use crate::fs::lazy::open_disk_cache;
-use crate::fs::{serve, unmount_image, MountOptions, RemoteOptions, UpperDirs};
+use crate::fs::record::{published_list_path, PrefetchList};
+use crate::fs::{serve, unmount_image, MountOptions, Prefetch, RemoteOptions, UpperDirs};
 use crate::platform::Platform;
 use crate::reference::Reference;
 use crate::store::{Store, StoreError};
@@ -40,9 +42,11 @@ pub fn mount(root: &Path, args: &MountArgs) -> Result<()> {
         let image = store.resolve(&args.reference)?;
         let remote = match image.layers.iter().all(|l| store.blob_path(&l.digest).exists()) {
             true => None,
-            false => Some(remote_options(root, args)?),
+            false => Some(remote_options(&store, &image.manifest_digest, args)?),
         };
-        let options = MountOptions { cache_bytes: args.cache_mem << 20, threads: 4, upper, remote };
+        let record = args.record.as_ref().map(|p| absolute(p)).transpose()?;
+        let options =
+            MountOptions { cache_bytes: args.cache_mem << 20, threads: 4, upper, remote, record };
         let notify = std::env::var_os(NOTIFY_ENV).is_some();
         return serve(&store, &args.reference, &args.mountpoint, &options, || {
             if notify {
@@ -90,7 +94,27 @@ fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
         .arg(args.cache_mem.to_string())
         .args(["--cache-size", &args.cache_size.to_string()])
         .args(["--fetch-timeout", &args.fetch_timeout.to_string()])
-        .args((args.prefetch == PrefetchArg::All).then_some("--prefetch=all"))
+        .args(match args.prefetch {
+            PrefetchArg::None => None,
+            PrefetchArg::All => Some("--prefetch=all"),
+            PrefetchArg::Recorded => Some("--prefetch=recorded"),
+        })
+        .args(
+            args.prefetch_list
+                .iter()
+                .map(|p| absolute(p))
+                .collect::<Result<Vec<_>>>()?
+                .iter()
+                .flat_map(|p| [OsStr::new("--prefetch-list"), p.as_os_str()]),
+        )
+        .args(
+            args.record
+                .iter()
+                .map(|p| absolute(p))
+                .collect::<Result<Vec<_>>>()?
+                .iter()
+                .flat_map(|p| [OsStr::new("--record"), p.as_os_str()]),
+        )
         .args(args.prefetch_rate.map(|r| format!("--prefetch-rate={r}")))
         .args(args.registry.insecure_registry.iter().map(|h| format!("--insecure-registry={h}")))
         .args(
@@ -137,14 +161,45 @@ fn lazy_pull(store: &Store, args: &MountArgs) -> Result<()> {
     Ok(())
 }
 
-fn remote_options(root: &Path, args: &MountArgs) -> Result<RemoteOptions> {
+fn remote_options(store: &Store, manifest: &Digest, args: &MountArgs) -> Result<RemoteOptions> {
+    let prefetch = match args.prefetch {
+        PrefetchArg::None => Prefetch::None,
+        PrefetchArg::All => Prefetch::All,
+        PrefetchArg::Recorded => {
+            let path = match &args.prefetch_list {
+                Some(path) => path.clone(),
+                None => published_list_path(&store.index_dir(), manifest),
+            };
+            match std::fs::read(&path) {
+                Ok(bytes) => Prefetch::Recorded(
+                    PrefetchList::parse(&bytes)
+                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
+                ),
+                Err(e)
+                    if args.prefetch_list.is_none() && e.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    tracing::warn!(
+                        "the image's index artifact has no prefetch list; prefetching nothing"
+                    );
+                    Prefetch::None
+                }
+                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+            }
+        }
+    };
     Ok(RemoteOptions {
         client: client(&args.registry)?,
-        disk: open_disk_cache(root, args.cache_size),
+        disk: open_disk_cache(store.root(), args.cache_size),
         fetch_timeout: Duration::from_secs(args.fetch_timeout),
-        prefetch: args.prefetch == PrefetchArg::All,
+        prefetch,
         prefetch_rate: args.prefetch_rate,
     })
+}
+
+/// `path` made absolute against the current directory (the serving process
+/// keeps running after the command returns).
+fn absolute(path: &Path) -> Result<PathBuf> {
+    Ok(std::path::absolute(path)?)
 }
 
 pub fn stats(root: &Path, args: &StatsArgs) -> Result<()> {

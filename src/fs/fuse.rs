@@ -4,6 +4,7 @@
 //! pages stay in the kernel's cache across opens (`FOPEN_KEEP_CACHE`).
 
 use super::error::FsError;
+use super::record::Recorder;
 use super::union::{Node, UnionTree};
 use crate::layer::{Entry, EntryKind, LayerReader};
 use fuser::{
@@ -13,6 +14,7 @@ use fuser::{
 };
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// How long the kernel may cache attributes and lookups: the tree never changes.
@@ -28,6 +30,8 @@ pub struct ImageFs {
     /// are answered `ENOSYS`, after which the kernel stops sending them: `ls
     /// -l` asks for two xattrs of every file it lists.
     has_xattrs: bool,
+    /// Notes which files are read (`--record`).
+    recorder: Option<Arc<Recorder>>,
 }
 
 fn time(secs: i64) -> SystemTime {
@@ -43,7 +47,12 @@ impl ImageFs {
     pub fn new(tree: UnionTree, readers: Vec<LayerReader>) -> Self {
         let has_xattrs =
             tree.layers().iter().any(|l| l.entries.iter().any(|e| !e.xattrs.is_empty()));
-        Self { tree, readers, has_xattrs }
+        Self { tree, readers, has_xattrs, recorder: None }
+    }
+
+    /// Records every file whose data is read into `recorder`.
+    pub fn record_into(&mut self, recorder: Arc<Recorder>) {
+        self.recorder = Some(recorder);
     }
 
     /// The union tree.
@@ -119,10 +128,14 @@ impl ImageFs {
     /// Reads up to `size` bytes of regular file `ino` at `offset`.
     pub fn read(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, FsError> {
         let node = self.node(ino)?;
-        let layer = node.source.ok_or(FsError::Invalid)?.layer as usize;
+        let source = node.source.ok_or(FsError::Invalid)?;
+        let layer = source.layer as usize;
         let EntryKind::File { offset: start, size: len } = self.entry(ino)?.kind else {
             return Err(FsError::Invalid);
         };
+        if let Some(recorder) = &self.recorder {
+            recorder.read(source);
+        }
         if offset >= len {
             return Ok(Vec::new());
         }

@@ -4,9 +4,11 @@
 //! the statistics file `rmount stats` reads (rewritten about once a second
 //! while something changes).
 
+use super::record::{PrefetchList, RecordedFile};
+use super::union::EntryRef;
 use crate::cache::DiskCache;
 use crate::digest::Digest;
-use crate::layer::{FetchStats, LayerIndex, RemoteBlob};
+use crate::layer::{EntryKind, FetchStats, LayerIndex, LayerReader, RemoteBlob};
 use crate::registry::Client;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
@@ -23,10 +25,21 @@ pub struct RemoteOptions {
     pub disk: Option<Arc<DiskCache>>,
     /// How long a read keeps retrying a failed fetch before `EIO`.
     pub fetch_timeout: Duration,
-    /// Fetch every chunk in the background after mounting.
-    pub prefetch: bool,
+    /// What to fetch in the background after mounting.
+    pub prefetch: Prefetch,
     /// Bytes per second the prefetch may use (`None`: unlimited).
     pub prefetch_rate: Option<u64>,
+}
+
+/// What a lazy mount fetches before it is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Only what is read.
+    None,
+    /// Every chunk, in the background.
+    All,
+    /// The chunks of these files first, in parallel.
+    Recorded(PrefetchList),
 }
 
 /// The disk tier's default bound (`--cache-size`).
@@ -64,7 +77,7 @@ impl RemoteOptions {
             client: Client::new(crate::registry::ClientOptions::default())?,
             disk: open_disk_cache(root, DEFAULT_CACHE_SIZE),
             fetch_timeout: DEFAULT_FETCH_TIMEOUT,
-            prefetch: false,
+            prefetch: Prefetch::None,
             prefetch_rate: None,
         })
     }
@@ -75,7 +88,7 @@ impl std::fmt::Debug for RemoteOptions {
         f.debug_struct("RemoteOptions")
             .field("disk", &self.disk.as_ref().map(|d| d.max_bytes()))
             .field("fetch_timeout", &self.fetch_timeout)
-            .field("prefetch", &self.prefetch)
+            .field("prefetch", &std::mem::discriminant(&self.prefetch))
             .finish_non_exhaustive()
     }
 }
@@ -90,6 +103,17 @@ pub struct LayerSource {
     pub index: Arc<LayerIndex>,
     /// `None` for a layer read from the store.
     pub remote: Option<Arc<RemoteBlob>>,
+    /// The layer's reader (shares the mount's span cache).
+    pub reader: LayerReader,
+}
+
+impl LayerSource {
+    /// Names an entry a [`super::record::Recorder`] saw.
+    pub fn recorded_file(layers: &[LayerSource], entry: EntryRef) -> Option<RecordedFile> {
+        let layer = layers.get(entry.layer as usize)?;
+        let path = layer.index.entries.get(entry.entry as usize)?.path.to_string();
+        Some(RecordedFile { layer: layer.digest.clone(), path })
+    }
 }
 
 #[derive(Serialize)]
@@ -251,5 +275,45 @@ pub fn prefetch(layers: Arc<Vec<LayerSource>>, rate: Option<u64>) {
             }
         }
         tracing::info!("prefetch done");
+    });
+}
+
+/// Threads that fetch a recorded list's chunks.
+const RECORDED_PREFETCH_THREADS: usize = 4;
+
+/// Loads the data of the files in `list` (those of this image's layers) on a
+/// few background threads, in list order, so the workload that was
+/// recorded finds its chunks ready.
+pub fn prefetch_recorded(layers: Arc<Vec<LayerSource>>, list: PrefetchList) {
+    std::thread::spawn(move || {
+        let mut work = Vec::new();
+        for (i, layer) in layers.iter().enumerate() {
+            let wanted: std::collections::HashSet<&str> = list
+                .files
+                .iter()
+                .filter(|f| f.layer == layer.digest)
+                .map(|f| f.path.as_str())
+                .collect();
+            for entry in layer.index.entries.iter().filter(|e| wanted.contains(&*e.path)) {
+                if let EntryKind::File { offset, size } = entry.kind {
+                    let rank = list.files.iter().position(|f| *f.path == *entry.path);
+                    work.push((rank, i, offset, size));
+                }
+            }
+        }
+        work.sort_unstable();
+        let queue = std::sync::Mutex::new(work.into_iter());
+        std::thread::scope(|s| {
+            for _ in 0..RECORDED_PREFETCH_THREADS {
+                s.spawn(|| loop {
+                    let next = queue.lock().unwrap_or_else(|p| p.into_inner()).next();
+                    let Some((_, layer, offset, size)) = next else { break };
+                    if let Err(e) = layers[layer].reader.prefetch(offset, size, 1) {
+                        tracing::warn!(layer = %layers[layer].digest, error = %e, "recorded prefetch failed");
+                    }
+                });
+            }
+        });
+        tracing::info!(files = list.files.len(), "recorded prefetch done");
     });
 }

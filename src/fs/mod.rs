@@ -7,13 +7,14 @@ pub mod lazy;
 pub mod mount;
 pub mod overlay;
 pub mod passthrough;
+pub mod record;
 pub mod union;
 pub mod workers;
 pub mod writable;
 
 pub use error::FsError;
 pub use fuse::ImageFs;
-pub use lazy::{LayerSource, RemoteOptions};
+pub use lazy::{LayerSource, Prefetch, RemoteOptions};
 pub use mount::{open_image, serve, unmount_image, MountError, MountOptions, OpenedImage};
 pub use overlay::{Overlay, UpperDirs};
 pub use union::{EntryRef, Node, UnionTree, ROOT_INO};

@@ -2,7 +2,8 @@
 //! without a persisted index), building the union tree, serving it over
 //! FUSE, and recording the mount so `rmi` and `df` see it.
 
-use super::lazy::{keep_stats, prefetch, LayerSource, RemoteOptions};
+use super::lazy::{keep_stats, prefetch, prefetch_recorded, LayerSource, Prefetch, RemoteOptions};
+use super::record::{save_list, Recorder};
 use super::writable::WritableFs;
 use super::{FsError, ImageFs, Overlay, UnionTree, UpperDirs};
 use crate::cache::SpanCache;
@@ -67,6 +68,8 @@ pub struct MountOptions {
     pub upper: Option<UpperDirs>,
     /// How to read layers that are not in the store (lazy mounts).
     pub remote: Option<RemoteOptions>,
+    /// Where to save the list of files read, when the mount ends.
+    pub record: Option<PathBuf>,
 }
 
 /// An image opened for mounting: its union filesystem and where each layer
@@ -139,6 +142,7 @@ pub fn open_image(
             size: desc.size,
             index: reader.index().clone(),
             remote,
+            reader: reader.clone(),
         });
         readers.push(reader);
     }
@@ -176,9 +180,13 @@ pub fn serve(
     let mountpoint = canonical_dir(mountpoint)?;
     crate::sys::malloc::return_large_buffers_to_the_os();
     let cache = Arc::new(SpanCache::new(options.cache_bytes));
-    let OpenedImage { image, fs, layers } =
+    let OpenedImage { image, mut fs, layers } =
         open_image(store, reference, cache, options.remote.as_ref())?;
     let layers = Arc::new(layers);
+    let recorder = options.record.as_ref().map(|_| Arc::new(Recorder::default()));
+    if let Some(recorder) = &recorder {
+        fs.record_into(recorder.clone());
+    }
     let fuse_err = |action, source| MountError::Fuse { action, path: mountpoint.clone(), source };
     let config = fuse_config(reference, options.threads, options.upper.is_none());
     let mount_err = |e| fuse_err("mounting at", e);
@@ -216,13 +224,23 @@ pub fn serve(
     if layers.iter().any(|l| l.remote.is_some()) {
         let stats = store.mount_stats_path(&mountpoint);
         keep_stats(stats, record.reference.clone(), mountpoint.clone(), layers.clone());
-        if let Some(remote) = options.remote.as_ref().filter(|r| r.prefetch) {
-            prefetch(layers, remote.prefetch_rate);
+        match options.remote.as_ref().map(|r| &r.prefetch) {
+            Some(Prefetch::All) => {
+                prefetch(layers.clone(), options.remote.as_ref().and_then(|r| r.prefetch_rate))
+            }
+            Some(Prefetch::Recorded(list)) => prefetch_recorded(layers.clone(), list.clone()),
+            Some(Prefetch::None) | None => {}
         }
     }
     ready();
     let result = background.join().map_err(|e| fuse_err("serving", e));
     store.remove_mount(&mountpoint)?;
+    if let (Some(recorder), Some(path)) = (&recorder, &options.record) {
+        let list = recorder.list(|entry| LayerSource::recorded_file(&layers, entry));
+        if let Err(e) = save_list(path, &list) {
+            tracing::error!(path = %path.display(), error = %e, "cannot save the recorded file list");
+        }
+    }
     result
 }
 

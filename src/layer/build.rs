@@ -1,13 +1,18 @@
 //! The indexing pass: one streaming read of a layer blob that verifies its
 //! digest, detects the compression from magic bytes, records the random
 //! access map, hashes the uncompressed stream (the diff_id) and scans the tar.
+//!
+//! Inflating bounds the pass and cannot be split, so it keeps the caller's
+//! thread; the blob digest and the diff_id are each computed on a thread of
+//! their own ([`ThreadHashingReader`]), which lets a second core take over
+//! two of the three sha256 passes (the third, per span, is the indexer's).
 
 use super::gzip::GzipIndexer;
 use super::plain::PlainIndexer;
 use super::scan::scan_tar;
 use super::zstd::ZstdIndexer;
 use super::{corrupt_reason, AccessMap, Compression, LayerError, LayerIndex};
-use crate::digest::{Digest, HashingReader};
+use crate::digest::{Digest, ThreadHashingReader};
 use std::io::{self, BufRead, BufReader, Read};
 
 const GZIP_MAGIC: &[u8] = &[0x1f, 0x8b];
@@ -20,7 +25,10 @@ pub fn build_index(blob: impl Read, digest: &Digest) -> Result<LayerIndex, Layer
         Some(reason) => LayerError::Corrupt { digest: digest.clone(), reason },
         None => io_err(source),
     };
-    let mut compressed = BufReader::with_capacity(256 * 1024, HashingReader::new(blob));
+    // The indexers read 256 KiB at a time, which the BufReader passes
+    // straight through once the magic bytes are consumed.
+    let blob = ThreadHashingReader::new(blob).map_err(io_err)?;
+    let mut compressed = BufReader::with_capacity(256 * 1024, blob);
     let magic = compressed.fill_buf().map_err(io_err)?;
     let compression = if magic.starts_with(GZIP_MAGIC) {
         Compression::Gzip
@@ -30,7 +38,7 @@ pub fn build_index(blob: impl Read, digest: &Digest) -> Result<LayerIndex, Layer
         Compression::None
     };
     let scan = |stream: &mut dyn Read| -> Result<_, LayerError> {
-        let mut uncompressed = HashingReader::new(stream);
+        let mut uncompressed = ThreadHashingReader::new(stream).map_err(io_err)?;
         let entries =
             scan_tar(&mut uncompressed).map_err(|source| match corrupt_reason(&source) {
                 Some(reason) => LayerError::Corrupt { digest: digest.clone(), reason },
@@ -38,7 +46,7 @@ pub fn build_index(blob: impl Read, digest: &Digest) -> Result<LayerIndex, Layer
             })?;
         // The tar may end before the stream does (padding): hash all of it.
         io::copy(&mut uncompressed, &mut io::sink()).map_err(&stream_err)?;
-        Ok((entries, uncompressed.finish()))
+        Ok((entries, uncompressed.finish().map_err(io_err)?))
     };
     let (entries, (diff_id, uncompressed_size), access, mut rest) = match compression {
         Compression::None => {
@@ -61,7 +69,7 @@ pub fn build_index(blob: impl Read, digest: &Digest) -> Result<LayerIndex, Layer
         }
     };
     io::copy(&mut rest, &mut io::sink()).map_err(stream_err)?;
-    let (actual, _) = rest.into_inner().finish();
+    let (actual, _) = rest.into_inner().finish().map_err(io_err)?;
     if &actual != digest {
         return Err(LayerError::DigestMismatch { expected: digest.clone(), actual });
     }

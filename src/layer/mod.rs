@@ -16,8 +16,13 @@
 //! * When a path appears twice in one layer, the last entry wins; the index
 //!   keeps only that one. (An `Opaque` marker and its directory's own entry
 //!   share a path and are both kept.)
+//!
+//! An eStargz layer can also be indexed from its table of contents alone
+//! ([`index_from_toc`]), without reading the blob; its "uncompressed
+//! stream" is then a virtual one (see [`EstargzMap`]).
 
 mod build;
+mod estargz;
 mod gzip;
 mod persist;
 mod plain;
@@ -28,6 +33,10 @@ mod source;
 mod zstd;
 
 pub use build::build_index;
+pub use estargz::{
+    index_from_toc, read_footer, read_toc, EstargzChunk, EstargzMap, Toc, TocError,
+    FOOTER_SIZE as ESTARGZ_FOOTER_SIZE, TOC_DIGEST_ANNOTATION,
+};
 pub use gzip::GzipMap;
 pub use persist::{decode_index, encode_index, has_index, index_path, load_index, save_index};
 pub use plain::PlainMap;
@@ -148,25 +157,76 @@ pub enum AccessMap {
     Gzip(GzipMap),
     /// zstd frames.
     Zstd(ZstdMap),
+    /// eStargz chunks, from the layer's table of contents.
+    Estargz(EstargzMap),
 }
 
 impl AccessMap {
     /// Number of chunks: the units a remote read fetches and verifies (a
-    /// gzip span, a zstd frame, a [`SPAN_SIZE`] piece of a plain blob).
+    /// gzip span, a zstd frame, a [`SPAN_SIZE`] piece of a plain blob, an
+    /// eStargz file chunk).
     pub fn chunk_count(&self) -> usize {
         match self {
             AccessMap::Plain(map) => map.chunk_digests.len(),
             AccessMap::Gzip(map) => map.checkpoints.len(),
             AccessMap::Zstd(map) => map.frames.len(),
+            AccessMap::Estargz(map) => map.chunks.len(),
         }
     }
 
-    /// The blob bytes of chunk `i` and their sha256.
-    pub fn chunk(&self, i: usize) -> (std::ops::Range<u64>, &Digest) {
+    /// The blob bytes of chunk `i` and how to verify them.
+    pub fn chunk(&self, i: usize) -> (std::ops::Range<u64>, ChunkCheck<'_>) {
         match self {
-            AccessMap::Plain(map) => (map.chunk_range(i), &map.chunk_digests[i]),
-            AccessMap::Gzip(map) => (map.span_input_range(i), &map.checkpoints[i].span_digest),
-            AccessMap::Zstd(map) => (map.frame_range(i), &map.frames[i].digest),
+            AccessMap::Plain(map) => {
+                (map.chunk_range(i), ChunkCheck::Blob(&map.chunk_digests[i]))
+            }
+            AccessMap::Gzip(map) => {
+                (map.span_input_range(i), ChunkCheck::Blob(&map.checkpoints[i].span_digest))
+            }
+            AccessMap::Zstd(map) => (map.frame_range(i), ChunkCheck::Blob(&map.frames[i].digest)),
+            AccessMap::Estargz(map) => {
+                let chunk = &map.chunks[i];
+                (chunk.in_offset..chunk.in_end, ChunkCheck::Inflated(chunk))
+            }
+        }
+    }
+}
+
+/// What a chunk's digest covers, so that whoever fetches the chunk can
+/// verify it before anyone sees a byte of it.
+#[derive(Debug, Clone, Copy)]
+pub enum ChunkCheck<'a> {
+    /// The sha256 of the chunk's bytes in the blob (gzip spans, zstd
+    /// frames, plain pieces): indexes built from the whole blob know it.
+    Blob(&'a Digest),
+    /// eStargz: the table of contents only knows the sha256 of the file
+    /// bytes a chunk inflates to, so the compressed bytes are verified by
+    /// inflating them and finding those file bytes.
+    Inflated(&'a EstargzChunk),
+}
+
+impl ChunkCheck<'_> {
+    /// The digest the chunk is checked against.
+    pub fn digest(&self) -> &Digest {
+        match self {
+            ChunkCheck::Blob(digest) => digest,
+            ChunkCheck::Inflated(chunk) => &chunk.digest,
+        }
+    }
+
+    /// Whether `data` (the chunk's blob bytes) is what the index describes;
+    /// if not, what was found instead (a digest, or why nothing matched).
+    pub fn verify(&self, data: &[u8]) -> Result<(), String> {
+        match self {
+            ChunkCheck::Blob(expected) => {
+                let actual = Digest::of(data);
+                if &actual == *expected {
+                    Ok(())
+                } else {
+                    Err(actual.to_string())
+                }
+            }
+            ChunkCheck::Inflated(chunk) => chunk.decode(data).map(drop).map_err(|e| e.to_string()),
         }
     }
 }
@@ -205,6 +265,14 @@ pub enum LayerError {
         digest: Digest,
         /// The cause.
         source: ScanError,
+    },
+    /// An eStargz table of contents (or its footer) is unusable.
+    #[error("layer {digest}: eStargz table of contents: {source}")]
+    Toc {
+        /// The blob.
+        digest: Digest,
+        /// The cause.
+        source: TocError,
     },
 }
 

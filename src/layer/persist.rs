@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &[u8; 6] = b"RMIDX\0";
 /// Bump when the index layout changes; older files are then rebuilt.
-const VERSION: u16 = 2;
+const VERSION: u16 = 3;
 
 /// Where the index of `blob` lives under `index_dir`.
 pub fn index_path(index_dir: &Path, blob: &Digest) -> PathBuf {

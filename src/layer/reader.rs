@@ -173,13 +173,16 @@ impl LayerReader {
         (first..=last).all(|i| self.cache.is_cached(&self.key(i)))
     }
 
-    /// Decompresses the gzip spans under `offset..offset + len` of the tar
-    /// stream into the cache on up to `threads` threads: one inflater runs
-    /// at a few hundred MB/s, so a large copy is bound by it otherwise.
-    /// (zstd frames and plain blobs gain nothing from this; they return.)
+    /// Loads the spans under `offset..offset + len` of the tar stream into
+    /// the cache on up to `threads` threads: one inflater runs at a few
+    /// hundred MB/s, and a remote chunk takes a round trip, so a large copy
+    /// is bound by them otherwise. (Local zstd frames and plain blobs gain
+    /// nothing from this; they return.)
     pub fn prefetch(&self, offset: u64, len: u64, threads: usize) -> Result<(), LayerError> {
         let size = self.index.uncompressed_size;
-        if !matches!(self.index.access, AccessMap::Gzip(_)) || offset >= size || len == 0 {
+        let remote = self.source.local_file().is_none();
+        let worth_it = remote || matches!(self.index.access, AccessMap::Gzip(_));
+        if !worth_it || offset >= size || len == 0 {
             return Ok(());
         }
         let span_of = |pos: u64| self.span_starts.partition_point(|&start| start <= pos) - 1;

@@ -43,14 +43,32 @@ pub enum ScanError {
 /// keeping only the last entry for a path.
 pub fn scan_tar<R: Read>(reader: R) -> Result<Vec<Entry>, ScanError> {
     let mut archive = tar::Archive::new(reader);
-    let mut entries: Vec<Entry> = Vec::new();
-    // An opaque marker shares its directory's path, so it is keyed apart.
-    let mut by_path: HashMap<(Box<str>, bool), usize> = HashMap::new();
+    let mut entries = EntryList::default();
     for item in archive.entries().map_err(ScanError::Tar)? {
         let mut item = item.map_err(ScanError::Tar)?;
-        let Some(entry) = to_entry(&mut item)? else { continue };
+        if let Some(entry) = to_entry(&mut item)? {
+            entries.push(entry)?;
+        }
+    }
+    Ok(entries.into_vec())
+}
+
+/// Entries in archive order as the index keeps them: a later entry for a
+/// path replaces the earlier one in place, and a hardlink must name an
+/// entry that came before it. Shared by the tar scan and the eStargz TOC,
+/// so both describe a layer the same way.
+#[derive(Default)]
+pub(super) struct EntryList {
+    entries: Vec<Entry>,
+    /// An opaque marker shares its directory's path, so it is keyed apart.
+    by_path: HashMap<(Box<str>, bool), usize>,
+}
+
+impl EntryList {
+    /// Adds `entry`, replacing an earlier one of the same path.
+    pub(super) fn push(&mut self, entry: Entry) -> Result<(), ScanError> {
         if let EntryKind::Hardlink { target } = &entry.kind {
-            if !by_path.contains_key(&(target.clone(), false)) {
+            if !self.by_path.contains_key(&(target.clone(), false)) {
                 return Err(ScanError::MissingLinkTarget {
                     path: entry.path.to_string(),
                     target: target.to_string(),
@@ -58,24 +76,33 @@ pub fn scan_tar<R: Read>(reader: R) -> Result<Vec<Entry>, ScanError> {
             }
         }
         let key = (entry.path.clone(), entry.kind == EntryKind::Opaque);
-        match by_path.get(&key) {
-            Some(&i) => entries[i] = entry,
+        match self.by_path.get(&key) {
+            Some(&i) => self.entries[i] = entry,
             None => {
-                by_path.insert(key, entries.len());
-                entries.push(entry);
+                self.by_path.insert(key, self.entries.len());
+                self.entries.push(entry);
             }
         }
+        Ok(())
     }
-    Ok(entries)
+
+    /// The entries, in order.
+    pub(super) fn into_vec(self) -> Vec<Entry> {
+        self.entries
+    }
 }
 
-fn to_entry<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, ScanError> {
+/// The entry of one tar member, or `None` for members that carry nothing
+/// to serve (global PAX headers, unknown types).
+pub(super) fn to_entry<R: Read>(
+    item: &mut tar::Entry<'_, R>,
+) -> Result<Option<Entry>, ScanError> {
     let raw_path = item.path().map_err(ScanError::Tar)?.into_owned();
     let display = raw_path.to_string_lossy().into_owned();
     let path = normalize(&raw_path).ok_or_else(|| ScanError::UnsafePath(display.clone()))?;
     let header = item.header();
     let entry_type = header.entry_type();
-    let mut mode = header.mode().map_err(ScanError::Tar)? & 0o7777;
+    let mode = header.mode().map_err(ScanError::Tar)? & 0o7777;
     let mut uid = header.uid().map_err(ScanError::Tar)? as u32;
     let mut gid = header.gid().map_err(ScanError::Tar)? as u32;
     let mut mtime = header.mtime().map_err(ScanError::Tar)? as i64;
@@ -119,13 +146,7 @@ fn to_entry<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, Scan
         },
         EntryType::Directory => (path, EntryKind::Dir),
         EntryType::Symlink => (path, EntryKind::Symlink { target: link_target()?.into() }),
-        EntryType::Link => {
-            let target = link_target()?;
-            let normalized = normalize(Path::new(&target))
-                .filter(|t| !t.is_empty())
-                .ok_or_else(|| ScanError::UnsafePath(target.clone()))?;
-            (path, EntryKind::Hardlink { target: normalized.into() })
-        }
+        EntryType::Link => (path, EntryKind::Hardlink { target: hardlink_target(&link_target()?)? }),
         EntryType::Char => (path, EntryKind::CharDevice { rdev: device(item.header())? }),
         EntryType::Block => (path, EntryKind::BlockDevice { rdev: device(item.header())? }),
         EntryType::Fifo => (path, EntryKind::Fifo),
@@ -135,14 +156,30 @@ fn to_entry<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, Scan
         // Global PAX headers and unknown types carry nothing to serve.
         _ => return Ok(None),
     };
-    if path.is_empty() && kind != EntryKind::Dir && kind != EntryKind::Opaque {
-        return Err(ScanError::UnsafePath(display));
+    let entry = Entry { path: path.into(), kind, mode, uid, gid, mtime, xattrs: xattrs.into() };
+    checked(entry, &display).map(Some)
+}
+
+/// The last checks every entry passes, whatever it was read from: only a
+/// directory (or opaque marker) may be the layer root, and whiteout
+/// markers carry no metadata of their own.
+pub(super) fn checked(mut entry: Entry, display: &str) -> Result<Entry, ScanError> {
+    if entry.path.is_empty() && entry.kind != EntryKind::Dir && entry.kind != EntryKind::Opaque {
+        return Err(ScanError::UnsafePath(display.to_string()));
     }
-    // Whiteout markers carry no metadata of their own.
-    if matches!(kind, EntryKind::Whiteout | EntryKind::Opaque) {
-        (mode, uid, gid, mtime, xattrs) = (0, 0, 0, 0, Vec::new());
+    if matches!(entry.kind, EntryKind::Whiteout | EntryKind::Opaque) {
+        (entry.mode, entry.uid, entry.gid, entry.mtime) = (0, 0, 0, 0);
+        entry.xattrs = Box::default();
     }
-    Ok(Some(Entry { path: path.into(), kind, mode, uid, gid, mtime, xattrs: xattrs.into() }))
+    Ok(entry)
+}
+
+/// The normalised, non-root target of a hardlink.
+pub(super) fn hardlink_target(target: &str) -> Result<Box<str>, ScanError> {
+    normalize(Path::new(target))
+        .filter(|t| !t.is_empty())
+        .map(Into::into)
+        .ok_or_else(|| ScanError::UnsafePath(target.to_string()))
 }
 
 fn device(header: &tar::Header) -> Result<u64, ScanError> {
@@ -152,7 +189,7 @@ fn device(header: &tar::Header) -> Result<u64, ScanError> {
 }
 
 /// `dir/.wh.NAME` → (`dir/NAME`, Whiteout); `dir/.wh..wh..opq` → (`dir`, Opaque).
-fn whiteout(path: &str) -> Option<(String, EntryKind)> {
+pub(super) fn whiteout(path: &str) -> Option<(String, EntryKind)> {
     let (dir, name) = match path.rsplit_once('/') {
         Some((dir, name)) => (dir, name),
         None => ("", path),
@@ -166,7 +203,7 @@ fn whiteout(path: &str) -> Option<(String, EntryKind)> {
 }
 
 /// The normalised relative form of a tar path, or `None` if it escapes the root.
-fn normalize(path: &Path) -> Option<String> {
+pub(super) fn normalize(path: &Path) -> Option<String> {
     let mut parts: Vec<&str> = Vec::new();
     for component in path.components() {
         match component {

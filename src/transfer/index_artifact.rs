@@ -134,15 +134,13 @@ pub fn build_index_artifact(
         (Some(d), _) => d.clone(),
         (None, Some(name)) => name.parse()?,
         (None, None) => {
-            return Err(invalid(
-                source,
-                "is not stored under a name: say where to push with --dest",
-            ))
+            let reason = "the image has no name to publish under: give the repository with --dest";
+            return Err(invalid(source, reason));
         }
     };
     let repository = client.repository(&destination, Action::Push)?;
     report.repository = Some(repository.full_name());
-    publish(&repository, &mut report, &blobs)?;
+    publish(&repository, &mut report, &blobs, source)?;
     Ok(report)
 }
 
@@ -215,14 +213,18 @@ fn publish(
     repository: &Repository,
     report: &mut IndexArtifactReport,
     blobs: &[Vec<u8>],
+    source: &str,
 ) -> Result<(), TransferError> {
     let subject = match repository.manifest(&report.subject.to_string()) {
         Ok(manifest) => manifest,
         Err(RegistryError::NotFound { .. }) => {
+            let name = repository.full_name();
             return Err(invalid(
-                format!("{}@{}", repository.full_name(), report.subject),
-                "the image is not in the registry: push the image first (`rmount push`)",
-            ))
+                format!("{name}@{}", report.subject),
+                format!(
+                    "the image is not there: push the image first (`rmount push {source} {name}`)"
+                ),
+            ));
         }
         Err(e) => return Err(e.into()),
     };

@@ -155,6 +155,9 @@ fn real_index() -> LayerIndex {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::Regular);
     h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(1_700_000_000);
     h.set_size(5);
     b.append_data(&mut h, "etc/hostname", &b"hello"[..]).unwrap();
     let tar = b.into_inner().unwrap();

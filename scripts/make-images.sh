@@ -9,7 +9,12 @@
 #              run on a writable mount meet whiteouts   (tag: tools)
 #   writebench a 1 GiB file /big.bin + /dir5k with 5,000 small files, one gzip
 #              layer, no symlinks: the write benchmark's lower  (tag: write)
-# Usage: scripts/make-images.sh debian|synthetic|debian-tools|writebench   (prints the layout path)
+#   debian-python  bookworm minbase + python3, then the whiteout layer
+#              (tag: python): the lazy benchmark's `import` workload
+#   debian-nginx   bookworm minbase + nginx, then the whiteout layer
+#              (tag: nginx): the lazy benchmark's HTTP workload
+# Usage: scripts/make-images.sh debian|synthetic|debian-tools|writebench|debian-python|debian-nginx
+#        (prints the layout path)
 set -euo pipefail
 CACHE=${RMOUNT_IMAGE_CACHE:-/var/cache/rmount-images}
 SCRIPTS=$(cd "$(dirname "$0")" && pwd)
@@ -46,6 +51,14 @@ debian_tools() {
     --include=git,ca-certificates
 }
 
+debian_python() {
+  debian_layout debian-python python "Welcome to a lazily mounted python image." --include=python3
+}
+
+debian_nginx() {
+  debian_layout debian-nginx nginx "Welcome to a lazily mounted nginx image." --include=nginx
+}
+
 # generated_layout NAME TAG: one gzip layer of files from fill-rootfs.py NAME.
 generated_layout() {
   local name=$1 tag=$2
@@ -69,5 +82,7 @@ case "${1:-}" in
   debian | synthetic) "$1"; echo "$CACHE/$1" ;;
   debian-tools) debian_tools; echo "$CACHE/$1" ;;
   writebench) writebench; echo "$CACHE/$1" ;;
-  *) echo "usage: $0 debian|synthetic|debian-tools|writebench" >&2; exit 2 ;;
+  debian-python) debian_python; echo "$CACHE/$1" ;;
+  debian-nginx) debian_nginx; echo "$CACHE/$1" ;;
+  *) echo "usage: $0 debian|synthetic|debian-tools|writebench|debian-python|debian-nginx" >&2; exit 2 ;;
 esac

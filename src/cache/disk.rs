@@ -112,6 +112,25 @@ impl DiskCache {
     /// counts as absent. A hit refreshes the chunk's LRU position and its
     /// file's mtime.
     pub fn get(&self, blob: &Digest, chunk: u32, expected: &Digest) -> Option<Vec<u8>> {
+        self.get_checked(blob, chunk, &|data| {
+            let actual = Digest::of(data);
+            if actual == *expected {
+                Ok(())
+            } else {
+                Err(format!("expected {expected}, got {actual}"))
+            }
+        })
+    }
+
+    /// [`DiskCache::get`] with the check done by `verify`, which says what
+    /// is wrong with bytes it refuses (an eStargz chunk is verified by
+    /// inflating it).
+    pub fn get_checked(
+        &self,
+        blob: &Digest,
+        chunk: u32,
+        verify: &dyn Fn(&[u8]) -> Result<(), String>,
+    ) -> Option<Vec<u8>> {
         if self.is_disabled() {
             return None;
         }
@@ -128,10 +147,9 @@ impl DiskCache {
                 return None;
             }
         };
-        let actual = Digest::of(&data);
-        if actual != *expected {
+        if let Err(found) = verify(&data) {
             tracing::warn!(
-                %expected, %actual,
+                %found,
                 "cached chunk {} failed verification; removing it", path.display()
             );
             drop(file);

@@ -1,13 +1,15 @@
 //! `rmount index build`: the layer indexes of a stored image, and with
 //! `--push` their publication as an artifact referring to the image (see
-//! `transfer::index_artifact`). One row per layer, then what was pushed.
+//! `transfer::index_artifact`), with `--prefetch-list` a recorded file list
+//! besides. One row per layer, then the list's size and what was pushed.
 
 use super::images::human_size;
 use super::registry::{client, open_store};
 use super::{IndexArgs, IndexBuildArgs, IndexCommand};
+use crate::fs::record::PrefetchList;
 use crate::reference::Reference;
 use crate::transfer::{self, IndexArtifactReport};
-use anyhow::{Context, Result};
+use anyhow::{anyhow, Context, Result};
 use serde_json::json;
 use std::path::Path;
 
@@ -19,6 +21,7 @@ pub fn index(root: &Path, args: &IndexArgs) -> Result<()> {
 
 fn build(root: &Path, args: &IndexBuildArgs) -> Result<()> {
     let destination = args.dest.as_deref().map(str::parse::<Reference>).transpose()?;
+    let prefetch_list = args.prefetch_list.as_deref().map(read_list).transpose()?;
     let store = open_store(root)?;
     let report = transfer::build_index_artifact(
         &store,
@@ -26,6 +29,7 @@ fn build(root: &Path, args: &IndexBuildArgs) -> Result<()> {
         &args.reference,
         destination.as_ref(),
         args.push,
+        prefetch_list.as_ref(),
     )
     .with_context(|| format!("indexing {}", args.reference))?;
     if args.json {
@@ -34,6 +38,17 @@ fn build(root: &Path, args: &IndexBuildArgs) -> Result<()> {
         print_report(&args.reference, &report);
     }
     Ok(())
+}
+
+/// Reads and checks a recorded file list (`rmount mount --record FILE`).
+fn read_list(path: &Path) -> Result<PrefetchList> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    PrefetchList::parse(&bytes).map_err(|e| {
+        anyhow!(
+            "{} is not a prefetch list (as `rmount mount --record` writes): {e}",
+            path.display()
+        )
+    })
 }
 
 fn to_json(report: &IndexArtifactReport) -> serde_json::Value {
@@ -48,6 +63,7 @@ fn to_json(report: &IndexArtifactReport) -> serde_json::Value {
         "repository": report.repository,
         "alreadyPublished": report.already_published,
         "layers": layers,
+        "prefetchFiles": report.prefetch_list.as_ref().map_or(0, |l| l.files),
     })
 }
 
@@ -60,6 +76,9 @@ fn print_report(reference: &str, report: &IndexArtifactReport) {
     let (w0, w1) = (width(0), width(1));
     for [layer, size, index] in &rows {
         println!("{layer:<w0$}   {size:<w1$}   {index}");
+    }
+    if let Some(list) = &report.prefetch_list {
+        println!("prefetch list: {} files", list.files);
     }
     let subject = match &report.repository {
         Some(repository) => format!("{repository}@{}", report.subject),

@@ -430,6 +430,11 @@ pub struct IndexBuildArgs {
     /// Repository to publish to. [default: REF's]
     #[arg(long, value_name = "DEST", requires = "push")]
     pub dest: Option<String>,
+    /// Embed the files a workload read (what `rmount mount --record FILE`
+    /// wrote) for `rmount mount --prefetch recorded`; files of layers that
+    /// are not the image's are left out.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,

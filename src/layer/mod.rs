@@ -177,9 +177,7 @@ impl AccessMap {
     /// The blob bytes of chunk `i` and how to verify them.
     pub fn chunk(&self, i: usize) -> (std::ops::Range<u64>, ChunkCheck<'_>) {
         match self {
-            AccessMap::Plain(map) => {
-                (map.chunk_range(i), ChunkCheck::Blob(&map.chunk_digests[i]))
-            }
+            AccessMap::Plain(map) => (map.chunk_range(i), ChunkCheck::Blob(&map.chunk_digests[i])),
             AccessMap::Gzip(map) => {
                 (map.span_input_range(i), ChunkCheck::Blob(&map.checkpoints[i].span_digest))
             }

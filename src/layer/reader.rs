@@ -1,6 +1,7 @@
 //! [`LayerReader`]: reads of the uncompressed tar stream served from the
 //! compressed blob through its access map and the shared span cache.
 
+use super::estargz::EstargzMap;
 use super::source::{BlobSource, LocalBlob};
 use super::zstd::{ZstdMap, ZstdSpan};
 use super::{
@@ -76,6 +77,9 @@ impl LayerReader {
             AccessMap::Zstd(map) => {
                 let spans = map.spans();
                 (spans.iter().map(|s| s.out_start).collect(), spans)
+            }
+            AccessMap::Estargz(map) => {
+                (map.chunks.iter().map(|c| c.out_offset).collect(), Vec::new())
             }
         };
         let digest = Arc::new(index.blob_digest.clone());
@@ -226,6 +230,7 @@ impl LayerReader {
                     map.decode_span(&input, i, self.span_len(i)).map_err(|e| self.error(e))?
                 }
                 AccessMap::Zstd(map) => self.decode_zstd(map, i)?,
+                AccessMap::Estargz(map) => self.decode_estargz(map, i)?,
             };
             Ok(Arc::new(data))
         })
@@ -263,6 +268,13 @@ impl LayerReader {
         })
         .map_err(|e| self.error(e))?;
         wanted.ok_or_else(|| self.error(io::Error::other("zstd span was not decoded")))
+    }
+
+    /// eStargz: span `i` is chunk `i`, whose data is found (and verified)
+    /// in its inflated gzip member.
+    fn decode_estargz(&self, map: &EstargzMap, i: usize) -> Result<Vec<u8>, LayerError> {
+        let input = self.chunk_bytes(i)?;
+        map.chunks[i].decode(&input).map_err(|e| self.error(e))
     }
 
     fn error(&self, source: io::Error) -> LayerError {

@@ -1,13 +1,15 @@
 //! A layer blob that stays in the registry: each chunk a read needs comes
 //! from the disk tier of the chunk cache, or else from one `Range` request,
 //! and is verified against its digest in the layer index before anyone sees
-//! a byte of it. A fetch that fails keeps retrying until the fetch timeout
+//! a byte of it (for eStargz chunks: the digest of the bytes it inflates to,
+//! see [`ChunkCheck`]). A fetch that fails keeps retrying until the fetch timeout
 //! (the registry may be restarting), then fails the read with `EIO`; the
 //! mount stays up and later reads try again. Bytes that do not match their
 //! digest are fetched once more (in case the damage happened in transit)
 //! and then refused, with a log line naming the layer and chunk.
 
 use super::source::BlobSource;
+use super::ChunkCheck;
 use crate::cache::DiskCache;
 use crate::digest::Digest;
 use crate::registry::Repository;
@@ -87,22 +89,28 @@ impl RemoteBlob {
     }
 
     /// The verified bytes of chunk `index`: from disk, or fetched and kept.
-    pub fn chunk(&self, index: usize, range: Range<u64>, digest: &Digest) -> io::Result<Vec<u8>> {
+    pub fn chunk(
+        &self,
+        index: usize,
+        range: Range<u64>,
+        check: ChunkCheck<'_>,
+    ) -> io::Result<Vec<u8>> {
+        let verify = |data: &[u8]| check.verify(data);
         if let Some(data) =
-            self.disk.as_ref().and_then(|d| d.get(&self.digest, index as u32, digest))
+            self.disk.as_ref().and_then(|d| d.get_checked(&self.digest, index as u32, &verify))
         {
             self.stats.disk_hits.fetch_add(1, Ordering::Relaxed);
             return Ok(data);
         }
         self.stats.misses.fetch_add(1, Ordering::Relaxed);
-        let data = self.fetch(index, range, digest)?;
+        let data = self.fetch(index, range, check)?;
         if let Some(disk) = &self.disk {
             disk.put(&self.digest, index as u32, &data);
         }
         Ok(data)
     }
 
-    fn fetch(&self, index: usize, range: Range<u64>, digest: &Digest) -> io::Result<Vec<u8>> {
+    fn fetch(&self, index: usize, range: Range<u64>, check: ChunkCheck<'_>) -> io::Result<Vec<u8>> {
         let started = Instant::now();
         let deadline = started + self.fetch_timeout;
         let mut mismatches = 0;
@@ -113,16 +121,17 @@ impl RemoteBlob {
                 range.end - range.start,
             ) {
                 Ok(data) => {
-                    let actual = Digest::of(&data);
-                    if &actual == digest {
+                    let verified = check.verify(&data);
+                    if let Ok(()) = verified {
                         self.stats.fetches.fetch_add(1, Ordering::Relaxed);
                         self.stats.fetched_bytes.fetch_add(data.len() as u64, Ordering::Relaxed);
                         self.stats.record_latency(started.elapsed());
                         return Ok(data);
                     }
                     mismatches += 1;
+                    let actual = verified.err().unwrap_or_default();
                     tracing::error!(
-                        layer = %self.digest, chunk = index, expected = %digest, %actual,
+                        layer = %self.digest, chunk = index, expected = %check.digest(), %actual,
                         "chunk from {} does not match its digest in the layer index{}",
                         self.repository.full_name(),
                         if mismatches < 2 { "; fetching it again" } else { "; refusing it (EIO)" }
@@ -160,8 +169,8 @@ impl BlobSource for RemoteBlob {
         &self,
         index: usize,
         range: Range<u64>,
-        digest: &Digest,
+        check: ChunkCheck<'_>,
     ) -> io::Result<Box<dyn Read + Send + '_>> {
-        Ok(Box::new(io::Cursor::new(self.chunk(index, range, digest)?)))
+        Ok(Box::new(io::Cursor::new(self.chunk(index, range, check)?)))
     }
 }

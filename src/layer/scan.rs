@@ -94,9 +94,7 @@ impl EntryList {
 
 /// The entry of one tar member, or `None` for members that carry nothing
 /// to serve (global PAX headers, unknown types).
-pub(super) fn to_entry<R: Read>(
-    item: &mut tar::Entry<'_, R>,
-) -> Result<Option<Entry>, ScanError> {
+pub(super) fn to_entry<R: Read>(item: &mut tar::Entry<'_, R>) -> Result<Option<Entry>, ScanError> {
     let raw_path = item.path().map_err(ScanError::Tar)?.into_owned();
     let display = raw_path.to_string_lossy().into_owned();
     let path = normalize(&raw_path).ok_or_else(|| ScanError::UnsafePath(display.clone()))?;
@@ -146,7 +144,9 @@ pub(super) fn to_entry<R: Read>(
         },
         EntryType::Directory => (path, EntryKind::Dir),
         EntryType::Symlink => (path, EntryKind::Symlink { target: link_target()?.into() }),
-        EntryType::Link => (path, EntryKind::Hardlink { target: hardlink_target(&link_target()?)? }),
+        EntryType::Link => {
+            (path, EntryKind::Hardlink { target: hardlink_target(&link_target()?)? })
+        }
         EntryType::Char => (path, EntryKind::CharDevice { rdev: device(item.header())? }),
         EntryType::Block => (path, EntryKind::BlockDevice { rdev: device(item.header())? }),
         EntryType::Fifo => (path, EntryKind::Fifo),

@@ -1,11 +1,12 @@
 //! Where a layer's compressed bytes come from. A [`LayerReader`] asks for
 //! *chunks* — the units the access map can decode from and verify: a gzip
-//! span's input, a zstd frame, a 4 MiB piece of a plain blob — and does not
-//! care whether they come from the local store or from a registry.
+//! span's input, a zstd frame, a 4 MiB piece of a plain blob, an eStargz
+//! file chunk — and does not care whether they come from the local store or
+//! from a registry.
 //!
 //! [`LayerReader`]: super::LayerReader
 
-use crate::digest::Digest;
+use super::ChunkCheck;
 use std::fs::File;
 use std::io::{self, Read};
 use std::ops::Range;
@@ -13,14 +14,14 @@ use std::os::unix::fs::FileExt;
 
 /// A source of a blob's bytes, chunk by chunk.
 pub trait BlobSource: Send + Sync {
-    /// A reader of chunk `index`: bytes `range` of the blob, whose sha256
-    /// is `digest`. Bytes from outside the local store must have been
-    /// verified against `digest` before the reader yields any of them.
+    /// A reader of chunk `index`: bytes `range` of the blob, which `check`
+    /// verifies. Bytes from outside the local store must have passed
+    /// `check` before the reader yields any of them.
     fn open_chunk(
         &self,
         index: usize,
         range: Range<u64>,
-        digest: &Digest,
+        check: ChunkCheck<'_>,
     ) -> io::Result<Box<dyn Read + Send + '_>>;
 
     /// The whole blob as a local file, when there is one: plain blobs are
@@ -38,7 +39,7 @@ impl BlobSource for LocalBlob {
         &self,
         _index: usize,
         range: Range<u64>,
-        _digest: &Digest,
+        _check: ChunkCheck<'_>,
     ) -> io::Result<Box<dyn Read + Send + '_>> {
         Ok(Box::new(FileRange { file: &self.0, pos: range.start, end: range.end }))
     }

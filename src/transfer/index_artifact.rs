@@ -27,9 +27,18 @@
 //! index of another format version is ignored with a warning, as if absent.
 //! The listing itself is not content-addressed: anyone who may push to the
 //! repository can publish an index, as they could push the image.
+//!
+//! **Prefetch list.** `rmount index build --prefetch-list FILE` adds one
+//! more blob of media type [`PREFETCH_LIST_MEDIA_TYPE`]: the files a
+//! recorded workload read ([`PrefetchList`], only those of the image's own
+//! layers). [`fetch_index_artifact`] verifies it by its descriptor's digest
+//! and saves it to [`published_list_path`], where `--prefetch recorded`
+//! finds it. The list only steers prefetching, so a bad one is skipped with
+//! a warning and never fails the fetch of the indexes.
 
 use super::TransferError;
 use crate::digest::Digest;
+use crate::fs::record::{published_list_path, PrefetchList, PREFETCH_LIST_MEDIA_TYPE};
 use crate::layer::{
     build_index, decode_index, encode_index, index_path, load_index, save_index, LayerIndex,
 };
@@ -37,7 +46,7 @@ use crate::reference::Reference;
 use crate::registry::{Action, Client, Manifest, RegistryError, Repository};
 use crate::store::{io_err, LayerDesc, Store, StoreError};
 use serde_json::{json, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Read;
 use std::path::Path;
 
@@ -60,6 +69,9 @@ const ZSTD_LEVEL: i32 = 19;
 const MAX_INDEX_BLOB: u64 = 256 << 20;
 /// A decompressed index larger than this is treated as absent (a zstd bomb).
 const MAX_INDEX_SIZE: u64 = 1 << 30;
+/// A prefetch list blob larger than this is not published, and is skipped
+/// when fetched (it is read into memory).
+const MAX_PREFETCH_LIST_BLOB: u64 = 16 << 20;
 
 /// What [`build_index_artifact`] built and published.
 #[derive(Debug, Clone)]
@@ -77,6 +89,19 @@ pub struct IndexArtifactReport {
     pub fallback_tag: Option<String>,
     /// One per layer of the image, bottom first.
     pub layers: Vec<IndexedLayer>,
+    /// The prefetch list embedded in the artifact, when one was given.
+    pub prefetch_list: Option<ListBlob>,
+}
+
+/// A prefetch list as published in an index artifact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListBlob {
+    /// The list blob (its JSON).
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// How many files it names.
+    pub files: usize,
 }
 
 /// One layer's published index.
@@ -99,12 +124,17 @@ pub struct IndexedLayer {
 /// a tag or digest in it is not used). The image must be in that
 /// repository already. For a multi-platform image the platform manifest
 /// [`Store::resolve`] picks is indexed and is the subject.
+///
+/// `prefetch_list` (a recorded workload's files) is embedded as one more
+/// blob, keeping only the files of the image's layers (the others are left
+/// out with a warning); a list with none of them is an error.
 pub fn build_index_artifact(
     store: &Store,
     client: &Client,
     source: &str,
     destination: Option<&Reference>,
     push: bool,
+    prefetch_list: Option<&PrefetchList>,
 ) -> Result<IndexArtifactReport, TransferError> {
     let image = store.resolve(source)?;
     let mut blobs = Vec::new();
@@ -119,6 +149,13 @@ pub fn build_index_artifact(
         });
         blobs.push(blob);
     }
+    let mut list = None;
+    if let Some(given) = prefetch_list {
+        let digests: Vec<Digest> = image.layers.iter().map(|l| l.digest.clone()).collect();
+        let (blob, bytes) = list_blob(given, &digests, source)?;
+        list = Some(blob);
+        blobs.push(bytes);
+    }
     let mut report = IndexArtifactReport {
         subject: image.manifest_digest.clone(),
         repository: None,
@@ -126,6 +163,7 @@ pub fn build_index_artifact(
         already_published: false,
         fallback_tag: None,
         layers,
+        prefetch_list: list,
     };
     if !push {
         return Ok(report);
@@ -150,6 +188,11 @@ pub fn build_index_artifact(
 /// was saved: none when there is no artifact. Network and verification
 /// failures are errors (the caller then downloads the layers); an index of
 /// another format version is skipped with a warning.
+///
+/// The artifact's prefetch list, if it has one, is verified and saved to
+/// [`published_list_path`]`(index_dir, manifest)`; one saved before is
+/// removed when the artifact has none. A list that cannot be fetched,
+/// verified or parsed is skipped with a warning.
 pub fn fetch_index_artifact(
     repository: &Repository,
     manifest: &Digest,
@@ -158,12 +201,14 @@ pub fn fetch_index_artifact(
 ) -> Result<Vec<Digest>, TransferError> {
     let listing = list_referrers(repository, manifest)?;
     let Some(artifact) = listing.bytes().map(newest_artifact).transpose()?.flatten() else {
+        save_prefetch_list(repository, manifest, None, index_dir);
         return Ok(Vec::new());
     };
     let blobs = artifact_blobs(repository, &artifact, manifest)?;
+    save_prefetch_list(repository, manifest, blobs.prefetch_list.as_ref(), index_dir);
     let mut saved: Vec<Digest> = Vec::new();
     for layer in layers {
-        let Some((blob, size)) = blobs.get(layer) else { continue };
+        let Some((blob, size)) = blobs.indexes.get(layer) else { continue };
         if saved.contains(layer) {
             continue;
         }
@@ -201,6 +246,114 @@ fn layer_index(
     Ok(index)
 }
 
+/// The blob of a prefetch list: the files of `list` that are in one of
+/// `layers`, each once, in list order. Files of other layers are left out
+/// with a warning; a list left with none is an error, as is one too large
+/// for [`fetch_index_artifact`] to take.
+fn list_blob(
+    list: &PrefetchList,
+    layers: &[Digest],
+    source: &str,
+) -> Result<(ListBlob, Vec<u8>), TransferError> {
+    let (kept, left_out) = image_files(list, layers);
+    for (layer, files) in &left_out {
+        tracing::warn!(
+            %layer,
+            files,
+            "leaving out of the prefetch list the files of a layer that is not in {source}"
+        );
+    }
+    if kept.files.is_empty() {
+        let reason = match list.files.len() {
+            0 => "the prefetch list names no files".to_string(),
+            n => format!("none of the {n} files of the prefetch list is in one of its layers"),
+        };
+        return Err(invalid(source, reason));
+    }
+    let bytes = kept.to_json();
+    if bytes.len() as u64 > MAX_PREFETCH_LIST_BLOB {
+        return Err(invalid(
+            source,
+            format!(
+                "the prefetch list is {} bytes, more than the {MAX_PREFETCH_LIST_BLOB} allowed",
+                bytes.len()
+            ),
+        ));
+    }
+    let blob =
+        ListBlob { digest: Digest::of(&bytes), size: bytes.len() as u64, files: kept.files.len() };
+    Ok((blob, bytes))
+}
+
+/// The files of `list` in one of `layers`, each once, in list order; and
+/// how many (distinct) files of each other layer were left out.
+fn image_files(list: &PrefetchList, layers: &[Digest]) -> (PrefetchList, BTreeMap<Digest, usize>) {
+    let layers: HashSet<&Digest> = layers.iter().collect();
+    let mut seen = HashSet::new();
+    let mut kept = PrefetchList { version: list.version, files: Vec::new() };
+    let mut left_out = BTreeMap::new();
+    for file in &list.files {
+        if !seen.insert((&file.layer, &file.path)) {
+            continue;
+        }
+        if layers.contains(&file.layer) {
+            kept.files.push(file.clone());
+        } else {
+            *left_out.entry(file.layer.clone()).or_insert(0) += 1;
+        }
+    }
+    (kept, left_out)
+}
+
+/// Saves the prefetch list `blob` (digest, size) of `manifest`'s artifact
+/// where `--prefetch recorded` looks for it; with `None`, or when the list
+/// is unusable (warned about), removes a list saved from an older artifact.
+fn save_prefetch_list(
+    repository: &Repository,
+    manifest: &Digest,
+    blob: Option<&(Digest, u64)>,
+    index_dir: &Path,
+) {
+    let path = published_list_path(index_dir, manifest);
+    if let Some((digest, size)) = blob {
+        let saved = download_prefetch_list(repository, digest, *size).and_then(|bytes| {
+            crate::durable::write_atomic(&path, &bytes).map_err(|e| e.to_string())
+        });
+        match saved {
+            Ok(()) => return,
+            Err(reason) => {
+                tracing::warn!(list = %digest, %reason, "ignoring the published prefetch list")
+            }
+        }
+    }
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an old prefetch list")
+        }
+    }
+}
+
+/// Downloads a prefetch list blob; its bytes once verified by digest and
+/// parsed as a [`PrefetchList`], else what is wrong.
+fn download_prefetch_list(
+    repository: &Repository,
+    digest: &Digest,
+    size: u64,
+) -> Result<Vec<u8>, String> {
+    if size == 0 || size > MAX_PREFETCH_LIST_BLOB {
+        return Err(format!("{size} bytes; a list must have 1 to {MAX_PREFETCH_LIST_BLOB}"));
+    }
+    let bytes = repository.read_range(digest, 0, size).map_err(|e| e.to_string())?;
+    let actual = Digest::of(&bytes);
+    if &actual != digest {
+        return Err(format!("digest mismatch: the blob's digest is {actual}"));
+    }
+    PrefetchList::parse(&bytes)?;
+    Ok(bytes)
+}
+
 fn compress(index: &LayerIndex) -> Result<Vec<u8>, TransferError> {
     zstd::bulk::compress(&encode_index(index), ZSTD_LEVEL).map_err(|source| {
         crate::layer::LayerError::Io { digest: index.blob_digest.clone(), source }.into()
@@ -230,13 +383,22 @@ fn publish(
     };
     let listing = list_referrers(repository, &subject.digest)?;
     if let Some(current) = listing.bytes().map(newest_artifact).transpose()?.flatten() {
+        let wanted = wanted_blobs(&report.layers, report.prefetch_list.as_ref());
         match artifact_blobs(repository, &current, &subject.digest) {
-            Ok(published) if published == wanted_blobs(&report.layers) => {
+            Ok(published) if published == wanted => {
                 report.artifact = Some(current);
                 report.already_published = true;
                 return Ok(());
             }
-            Ok(_) => {}
+            Ok(published) => {
+                if published.prefetch_list.is_some() && wanted.prefetch_list.is_none() {
+                    tracing::warn!(
+                        artifact = %current,
+                        "the published artifact has a prefetch list and the new one will not \
+                         (give --prefetch-list to publish one)"
+                    );
+                }
+            }
             Err(e) => {
                 tracing::warn!(artifact = %current, error = %e, "replacing an unusable index artifact")
             }
@@ -247,7 +409,8 @@ fn publish(
         repository.push_blob_bytes(blob)?;
     }
     let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    let manifest = artifact_manifest(&subject, &report.layers, &created);
+    let manifest =
+        artifact_manifest(&subject, &report.layers, report.prefetch_list.as_ref(), &created);
     let digest =
         repository.put_manifest(&Digest::of(&manifest).to_string(), OCI_MANIFEST, &manifest)?;
     if let Referrers::Fallback(existing) = &listing {
@@ -365,24 +528,43 @@ struct Subject {
 /// Index blobs by the layer they index: (blob digest, size).
 type IndexBlobs = HashMap<Digest, (Digest, u64)>;
 
-fn wanted_blobs(layers: &[IndexedLayer]) -> IndexBlobs {
-    layers.iter().map(|l| (l.digest.clone(), (l.index_digest.clone(), l.index_size))).collect()
+/// The blobs of an index artifact that rmount reads.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct ArtifactBlobs {
+    /// The layer indexes.
+    indexes: IndexBlobs,
+    /// The prefetch list: (blob digest, size).
+    prefetch_list: Option<(Digest, u64)>,
+}
+
+/// The blobs an artifact of `layers` and `list` has.
+fn wanted_blobs(layers: &[IndexedLayer], list: Option<&ListBlob>) -> ArtifactBlobs {
+    ArtifactBlobs {
+        indexes: layers
+            .iter()
+            .map(|l| (l.digest.clone(), (l.index_digest.clone(), l.index_size)))
+            .collect(),
+        prefetch_list: list.map(|l| (l.digest.clone(), l.size)),
+    }
 }
 
 /// Fetches the artifact manifest `artifact` (verified by its digest) and
-/// lists its index blobs; it must be an rmount index of `subject`.
+/// lists its blobs; it must be an rmount index of `subject`.
 fn artifact_blobs(
     repository: &Repository,
     artifact: &Digest,
     subject: &Digest,
-) -> Result<IndexBlobs, TransferError> {
+) -> Result<ArtifactBlobs, TransferError> {
     let manifest = repository.manifest(&artifact.to_string())?;
     parse_artifact(&manifest.bytes, subject).map_err(|reason| {
         invalid(format!("index artifact {artifact} in {}", repository.full_name()), reason)
     })
 }
 
-fn parse_artifact(bytes: &[u8], subject: &Digest) -> Result<IndexBlobs, String> {
+/// The blobs of an artifact manifest, which must be an rmount index of
+/// `subject`. A malformed index descriptor is an error; of the prefetch
+/// list descriptors the first well-formed one counts (it is optional).
+fn parse_artifact(bytes: &[u8], subject: &Digest) -> Result<ArtifactBlobs, String> {
     let parsed: Artifact = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
     if parsed.artifact_type.as_deref() != Some(INDEX_ARTIFACT_TYPE) {
         return Err(format!("its artifactType is not {INDEX_ARTIFACT_TYPE}"));
@@ -391,15 +573,20 @@ fn parse_artifact(bytes: &[u8], subject: &Digest) -> Result<IndexBlobs, String> 
     if about.as_deref() != Some(subject.to_string().as_str()) {
         return Err(format!("its subject is {about:?}, not {subject}"));
     }
-    let mut blobs = IndexBlobs::new();
+    let mut blobs = ArtifactBlobs::default();
     for blob in parsed.layers.iter().filter(|b| b.media_type == LAYER_INDEX_MEDIA_TYPE) {
         let layer = blob.annotations.as_ref().and_then(|a| a.get(LAYER_DIGEST_ANNOTATION));
         let layer = layer
             .ok_or_else(|| format!("blob {} has no {LAYER_DIGEST_ANNOTATION}", blob.digest))?;
         let layer = layer.parse::<Digest>().map_err(|e| e.to_string())?;
         let digest = blob.digest.parse::<Digest>().map_err(|e| e.to_string())?;
-        blobs.insert(layer, (digest, blob.size));
+        blobs.indexes.insert(layer, (digest, blob.size));
     }
+    blobs.prefetch_list = parsed
+        .layers
+        .iter()
+        .filter(|b| b.media_type == PREFETCH_LIST_MEDIA_TYPE)
+        .find_map(|b| Some((b.digest.parse::<Digest>().ok()?, b.size)));
     Ok(blobs)
 }
 
@@ -451,9 +638,15 @@ fn decompress(data: &[u8]) -> Result<Vec<u8>, String> {
     Ok(out)
 }
 
-/// The artifact manifest: empty config, one blob per layer, `subject`.
-fn artifact_manifest(subject: &Manifest, layers: &[IndexedLayer], created: &str) -> Vec<u8> {
-    let blobs: Vec<Value> = layers
+/// The artifact manifest: empty config, one blob per layer, then the
+/// prefetch list if there is one, `subject`.
+fn artifact_manifest(
+    subject: &Manifest,
+    layers: &[IndexedLayer],
+    list: Option<&ListBlob>,
+    created: &str,
+) -> Vec<u8> {
+    let mut blobs: Vec<Value> = layers
         .iter()
         .map(|l| {
             json!({
@@ -464,6 +657,13 @@ fn artifact_manifest(subject: &Manifest, layers: &[IndexedLayer], created: &str)
             })
         })
         .collect();
+    if let Some(list) = list {
+        blobs.push(json!({
+            "mediaType": PREFETCH_LIST_MEDIA_TYPE,
+            "digest": list.digest.to_string(),
+            "size": list.size,
+        }));
+    }
     json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,

@@ -3,14 +3,17 @@
 //! it streams in) and `push` (blobs that are missing upstream, then the
 //! manifest). Progress is reported through [`Progress`], so the CLI can draw
 //! bars and library callers can ignore it. `index_artifact` publishes and
-//! fetches layer indexes as an OCI artifact referring to the image.
+//! fetches layer indexes as an OCI artifact referring to the image;
+//! `estargz` makes them from eStargz layers' tables of contents.
 
+mod estargz;
 mod index_artifact;
+mod pipe;
 mod pull;
 mod push;
 
 pub use index_artifact::{
-    build_index_artifact, fetch_index_artifact, IndexArtifactReport, IndexedLayer,
+    build_index_artifact, fetch_index_artifact, IndexArtifactReport, IndexedLayer, ListBlob,
     INDEX_ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION, LAYER_INDEX_MEDIA_TYPE,
 };
 pub use pull::{pull, PullOptions, Pulled};

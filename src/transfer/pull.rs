@@ -6,17 +6,18 @@
 //! out; the manifest and the tag are written last, so an interrupted pull
 //! leaves at most unreferenced blobs.
 
+use super::estargz::TocHints;
 use super::index_artifact::fetch_index_artifact;
-use super::{BlobOutcome, Progress, TransferError};
+use super::{pipe, BlobOutcome, Progress, TransferError};
 use crate::digest::{Digest, HashingReader};
 use crate::durable::AtomicFile;
 use crate::layer::{build_index, has_index, save_index, LayerError};
 use crate::platform::{describe, Platform};
 use crate::reference::Reference;
-use crate::registry::{Action, BlobStream, Client, Manifest, RegistryError, Repository};
+use crate::registry::{Action, Client, Manifest, RegistryError, Repository};
 use crate::store::{io_err, RefEntry, Store};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
-use std::io::{self, Read, Seek, Write};
+use std::io::{self, Seek};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
@@ -166,7 +167,8 @@ fn pull_image(
         .map(|d| Ok((descriptor_digest(d)?, d.size())))
         .collect::<Result<Vec<_>, TransferError>>()?;
     let layers = if options.lazy {
-        layers_without_index(store, repository, &manifest.digest, layers)
+        let tocs = TocHints::of(store, &parsed, &config);
+        layers_without_index(store, repository, &manifest.digest, layers, &tocs)
     } else {
         layers
     };
@@ -176,18 +178,21 @@ fn pull_image(
 }
 
 /// The layers of a lazy pull that must be downloaded after all: those not
-/// in the store whose index is neither in the local index cache nor in an
-/// index artifact in the registry.
+/// in the store whose index is neither in the local index cache, nor made
+/// from an eStargz table of contents (`tocs`), nor in an index artifact in
+/// the registry.
 fn layers_without_index(
     store: &Store,
     repository: &Repository,
     manifest: &Digest,
     layers: Vec<(Digest, u64)>,
+    tocs: &TocHints,
 ) -> Vec<(Digest, u64)> {
     let index_dir = store.index_dir();
     let mut missing: Vec<(Digest, u64)> = layers
         .into_iter()
         .filter(|(d, _)| !store.blob_path(d).exists() && !has_index(&index_dir, d))
+        .filter(|(d, size)| !tocs.index_layer(store, repository, d, *size))
         .collect();
     if missing.is_empty() {
         return missing;
@@ -236,6 +241,9 @@ fn fetch_layers(
     }
 }
 
+/// Downloads one layer into the store, indexing it as it streams in: the
+/// download runs on a thread of its own beside the indexing pass (see
+/// [`pipe`]). The blob becomes visible only once its digest checked out.
 fn fetch_layer(
     store: &Store,
     repository: &Repository,
@@ -251,11 +259,23 @@ fn fetch_layer(
     }
     let stream = repository.blob(digest, size)?;
     let mut file = AtomicFile::create(&dest).map_err(io_err(&dest))?;
-    let mut tee = Tee { source: stream, copy: &mut file, digest, progress };
-    // Verifies the digest; the file stays a temp file unless it matches.
-    let index = match build_index(&mut tee, digest) {
+    let (chunks, blob) = pipe::channel();
+    let (indexed, whole) = std::thread::scope(|scope| {
+        let copy = file.file();
+        let advanced = |n| progress.blob_advanced(digest, n);
+        let download = std::thread::Builder::new()
+            .name("download".into())
+            .spawn_scoped(scope, move || pipe::download(stream, copy, chunks, advanced))?;
+        // Verifies the digest; the file stays a temp file unless it matches.
+        // Returning drops `blob`, so a failed pass lets the download run on alone.
+        let indexed = build_index(blob, digest);
+        let whole = download.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok::<_, io::Error>((indexed, whole))
+    })
+    .map_err(|source| LayerError::Io { digest: digest.clone(), source })?;
+    let index = match indexed {
         Ok(index) => index,
-        Err(e) => return Err(explain_bad_layer(repository, digest, tee, e)),
+        Err(e) => return Err(explain_bad_layer(repository, digest, file.file(), whole, e)),
     };
     file.commit().map_err(io_err(&dest))?;
     if let Err(e) = save_index(&store.index_dir(), &index) {
@@ -266,13 +286,14 @@ fn fetch_layer(
 }
 
 /// A layer that failed to index: corrupt compression or tar, or a wrong
-/// digest. Damage in transit shows up as any of these, so the rest of the
-/// blob is read and the whole hashed: a digest that does not match is the
+/// digest. Damage in transit shows up as any of these, so when the whole
+/// blob reached `copy` it is hashed: a digest that does not match is the
 /// real finding, reported as such; otherwise the layer itself is malformed.
 fn explain_bad_layer(
     repository: &Repository,
     digest: &Digest,
-    mut tee: Tee<'_, BlobStream>,
+    copy: &std::fs::File,
+    whole: bool,
     error: LayerError,
 ) -> TransferError {
     let mismatch = |actual| {
@@ -285,32 +306,14 @@ fn explain_bad_layer(
     if let LayerError::DigestMismatch { actual, .. } = error {
         return mismatch(actual);
     }
-    if io::copy(&mut tee, &mut io::sink()).is_err() {
+    if !whole {
         return error.into();
     }
-    let copy: &std::fs::File = tee.copy.file();
     let mut hashing = HashingReader::new(copy);
     let rehashed =
         { copy }.seek(io::SeekFrom::Start(0)).and_then(|_| io::copy(&mut hashing, &mut io::sink()));
     match (rehashed, hashing.finish()) {
         (Ok(_), (actual, _)) if &actual != digest => mismatch(actual),
         _ => error.into(),
-    }
-}
-
-/// Copies everything read from `source` into `copy`, reporting progress.
-struct Tee<'a, R> {
-    source: R,
-    copy: &'a mut AtomicFile,
-    digest: &'a Digest,
-    progress: &'a dyn Progress,
-}
-
-impl<R: Read> Read for Tee<'_, R> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.source.read(buf)?;
-        self.copy.write_all(&buf[..n])?;
-        self.progress.blob_advanced(self.digest, n as u64);
-        Ok(n)
     }
 }

@@ -248,9 +248,11 @@ fn stop_server(stop: &AtomicBool, addr: &str) {
 // ---------------------------------------------------------------- registry
 
 /// A `docker-registry serve` child on `127.0.0.1:PORT` with its own config
-/// and storage in a temp dir; killed on drop.
+/// and storage in a temp dir; killed on drop. `stop` and `restart` take it
+/// down and bring it back on the same port with the same storage.
 pub struct Registry {
-    child: Child,
+    /// `None` while stopped.
+    child: Option<Child>,
     addr: String,
     dir: tempfile::TempDir,
 }
@@ -299,23 +301,53 @@ impl Registry {
             let config_path = dir.path().join("config.yml");
             std::fs::write(&config_path, config).unwrap();
             let log_path = dir.path().join("registry.log");
-            let log = std::fs::File::create(&log_path).unwrap();
-            let mut child = Command::new("docker-registry")
-                .arg("serve")
-                .arg(&config_path)
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
-                .expect("spawn docker-registry");
+            std::fs::File::create(&log_path).unwrap();
+            let mut child = spawn_registry(dir.path());
             if wait_ready(&mut child, &addr) {
-                return Registry { child, addr, dir };
+                return Registry { child: Some(child), addr, dir };
             }
             let _ = child.kill();
             let _ = child.wait();
             last_log = std::fs::read_to_string(&log_path).unwrap_or_default();
         }
         panic!("docker-registry did not start:\n{last_log}");
+    }
+
+    /// Kills the registry (SIGKILL, as a crash): connections in flight are
+    /// cut, and nothing listens on its port until `restart`.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the registry again on the same port with the same config and
+    /// storage (a no-op while it runs). Retries for a few seconds in case
+    /// the port is briefly not free; panics if it never answers.
+    pub fn restart(&mut self) {
+        if self.child.is_some() {
+            return;
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut child = spawn_registry(self.dir.path());
+            if wait_ready(&mut child, &self.addr) {
+                self.child = Some(child);
+                return;
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+            if Instant::now() > deadline {
+                panic!("docker-registry did not restart on {}:\n{}", self.addr, self.log());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Is the registry process running?
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// `127.0.0.1:PORT`.
@@ -332,12 +364,58 @@ impl Registry {
     pub fn storage(&self) -> PathBuf {
         self.dir.path().join("storage")
     }
+
+    /// The file holding a blob's bytes in the registry's storage:
+    /// `docker/registry/v2/blobs/sha256/<2 hex>/<hex>/data`.
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
+        self.storage()
+            .join("docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// XORs the byte at `offset` of a stored blob with `mask` (in place,
+    /// same size: the registry serves the altered bytes under the old
+    /// digest, as a bit flip on its disk would). Calling it again with the
+    /// same mask restores the blob. Returns the byte's old value.
+    pub fn flip_blob_byte(&self, digest: &str, offset: u64, mask: u8) -> u8 {
+        use std::os::unix::fs::FileExt;
+        let path = self.blob_file(digest);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap_or_else(|e| panic!("blob {digest} at {}: {e}", path.display()));
+        let mut byte = [0u8];
+        file.read_exact_at(&mut byte, offset).unwrap();
+        file.write_all_at(&[byte[0] ^ mask], offset).unwrap();
+        file.sync_all().unwrap();
+        byte[0]
+    }
+}
+
+/// Spawns `docker-registry serve DIR/config.yml`, appending to DIR/registry.log.
+fn spawn_registry(dir: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("registry.log"))
+        .unwrap();
+    Command::new("docker-registry")
+        .arg("serve")
+        .arg(dir.join("config.yml"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .expect("spawn docker-registry")
 }
 
 impl Drop for Registry {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
 }
 

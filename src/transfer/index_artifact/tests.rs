@@ -1,6 +1,7 @@
 //! The pure parts of index artifacts: choosing among listed artifacts,
-//! updating the tag-schema index, the manifest we write and read back, and
-//! the index blob's round trip and failure modes.
+//! updating the tag-schema index, the manifest we write and read back (with
+//! and without a prefetch list), the list's filtering to the image's layers,
+//! and the index blob's round trip and failure modes.
 
 use super::*;
 
@@ -111,7 +112,7 @@ fn layers() -> Vec<IndexedLayer> {
 #[test]
 fn the_artifact_manifest_reads_back_to_its_blobs() {
     let subject = subject();
-    let bytes = artifact_manifest(&subject, &layers(), "2024-06-01T00:00:00.000Z");
+    let bytes = artifact_manifest(&subject, &layers(), None, "2024-06-01T00:00:00.000Z");
     let json: Value = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(json["artifactType"], INDEX_ARTIFACT_TYPE);
     assert_eq!(json["mediaType"], OCI_MANIFEST);
@@ -126,13 +127,80 @@ fn the_artifact_manifest_reads_back_to_its_blobs() {
     assert_eq!(json["subject"]["size"], subject.bytes.len());
     assert_eq!(json["annotations"][CREATED], "2024-06-01T00:00:00.000Z");
     assert_eq!(json["layers"][1]["annotations"][LAYER_DIGEST_ANNOTATION], C);
-    assert_eq!(parse_artifact(&bytes, &subject.digest).unwrap(), wanted_blobs(&layers()));
+    assert_eq!(json["layers"].as_array().unwrap().len(), 2, "no prefetch list blob");
+    let blobs = parse_artifact(&bytes, &subject.digest).unwrap();
+    assert_eq!(blobs, wanted_blobs(&layers(), None));
+    assert_eq!(blobs.prefetch_list, None);
+}
+
+fn list_of(files: &[(&str, &str)]) -> PrefetchList {
+    let files = files
+        .iter()
+        .map(|(layer, path)| crate::fs::record::RecordedFile {
+            layer: d(layer),
+            path: path.to_string(),
+        })
+        .collect();
+    PrefetchList { version: 1, files }
+}
+
+#[test]
+fn a_prefetch_list_is_one_more_blob_and_reads_back() {
+    let subject = subject();
+    let (list, bytes) =
+        list_blob(&list_of(&[(A, "usr/bin/python3")]), &[d(A), d(C)], "app").unwrap();
+    assert_eq!(list.files, 1);
+    assert_eq!(list.digest, Digest::of(&bytes));
+    assert_eq!(list.size, bytes.len() as u64);
+    assert_eq!(PrefetchList::parse(&bytes).unwrap(), list_of(&[(A, "usr/bin/python3")]));
+
+    let manifest = artifact_manifest(&subject, &layers(), Some(&list), "2024-06-01T00:00:00Z");
+    let json: Value = serde_json::from_slice(&manifest).unwrap();
+    let blobs = json["layers"].as_array().unwrap();
+    assert_eq!(blobs.len(), 3);
+    assert_eq!(blobs[2]["mediaType"], PREFETCH_LIST_MEDIA_TYPE);
+    assert_eq!(blobs[2]["digest"], list.digest.to_string());
+    assert_eq!(blobs[2]["size"], list.size);
+    let parsed = parse_artifact(&manifest, &subject.digest).unwrap();
+    assert_eq!(parsed, wanted_blobs(&layers(), Some(&list)));
+    assert_eq!(parsed.indexes, wanted_blobs(&layers(), None).indexes, "the indexes are the same");
+    // Another list, or none, is another artifact: "already published" does not hold.
+    assert_ne!(parsed, wanted_blobs(&layers(), None));
+    let other = ListBlob { digest: d(M), ..list.clone() };
+    assert_ne!(parsed, wanted_blobs(&layers(), Some(&other)));
+
+    // A list descriptor with a malformed digest counts as no list, and
+    // does not make the indexes unusable.
+    let mut json = json;
+    json["layers"][2]["digest"] = json!("md5:abc");
+    let parsed = parse_artifact(json.to_string().as_bytes(), &subject.digest).unwrap();
+    assert_eq!(parsed, wanted_blobs(&layers(), None));
+}
+
+#[test]
+fn only_the_files_of_the_image_layers_are_kept_once_in_order() {
+    let given = list_of(&[(C, "b"), (B, "x"), (A, "a"), (C, "b"), (B, "y"), (B, "x"), (A, "c")]);
+    let (kept, left_out) = image_files(&given, &[d(A), d(C)]);
+    assert_eq!(kept, list_of(&[(C, "b"), (A, "a"), (A, "c")]));
+    assert_eq!(left_out.into_iter().collect::<Vec<_>>(), [(d(B), 2)]);
+
+    let (list, bytes) = list_blob(&given, &[d(A), d(C)], "app").unwrap();
+    assert_eq!(list.files, 3);
+    assert_eq!(PrefetchList::parse(&bytes).unwrap(), kept);
+}
+
+#[test]
+fn a_prefetch_list_with_none_of_the_image_files_is_refused() {
+    let err = list_blob(&list_of(&[(B, "x")]), &[d(A)], "app:v1").unwrap_err().to_string();
+    assert!(err.contains("none of the 1 files"), "{err}");
+    let err = list_blob(&list_of(&[]), &[d(A)], "app:v1").unwrap_err().to_string();
+    assert!(err.contains("names no files"), "{err}");
 }
 
 #[test]
 fn artifacts_of_another_type_or_subject_are_refused() {
     let subject = subject();
-    let bytes = artifact_manifest(&subject, &layers(), "2024-06-01T00:00:00Z");
+    let bytes = artifact_manifest(&subject, &layers(), None, "2024-06-01T00:00:00Z");
     let err = parse_artifact(&bytes, &d(M)).unwrap_err();
     assert!(err.contains("subject"), "{err}");
     let mut json: Value = serde_json::from_slice(&bytes).unwrap();
@@ -147,7 +215,7 @@ fn artifacts_of_another_type_or_subject_are_refused() {
     let mut json: Value = serde_json::from_slice(&bytes).unwrap();
     json["layers"][0]["mediaType"] = json!("application/octet-stream");
     let blobs = parse_artifact(json.to_string().as_bytes(), &subject.digest).unwrap();
-    assert_eq!(blobs.keys().collect::<Vec<_>>(), [&d(C)]);
+    assert_eq!(blobs.indexes.keys().collect::<Vec<_>>(), [&d(C)]);
 }
 
 fn real_index() -> LayerIndex {

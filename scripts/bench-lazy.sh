@@ -1,0 +1,325 @@
+#!/usr/bin/env bash
+# Lazy-mount benchmark (issue 6), all in one run from a loopback registry
+# (Debian's docker-registry), for the two Debian images scripts/make-images.sh
+# builds: debian-python (python3) and debian-nginx (nginx). Every measurement
+# is cold: page cache dropped, and an empty rmount root (no store, no index
+# cache, no chunk cache) unless it measures the store.
+#   (i)   mount usable: `rmount mount REF MNT` from command start until it
+#         returns (it returns once the mount serves), with an rmount index
+#         artifact in the registry, and without one (layers downloaded whole)
+#   (ii)  startup workload from command start (python3 imports; nginx started
+#         in a chroot, one HTTP answer on loopback, stopped) for a lazy mount,
+#         `rmount pull` + mount, and `skopeo copy` + `umoci unpack` + chroot;
+#         and the workload alone on a ready mount / unpacked rootfs
+#   (iii) bytes fetched (stats fetchedBytes: compressed bytes from the
+#         registry) vs bytes the workload read (the sizes of the distinct
+#         regular files it opened or executed inside the chroot, from strace)
+#   (iv)  read every file (`tar -c /` in a chroot, piped to wc) lazily vs
+#         from the store
+# Prints a table of medians and writes it to its own section of
+# docs/benchmarks.md. Needs root. RUNS=N sets the repetitions (default 3);
+# RMOUNT_BIN=PATH benchmarks that binary instead of a fresh release build;
+# IMAGES="debian-nginx" picks the images (default: both).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/bench-lib.sh
+if [[ -n ${RMOUNT_BIN:-} ]]; then
+  # bench_init without the release build.
+  scripts/setup.sh
+  RMOUNT=$(realpath "$RMOUNT_BIN")
+  RUNS=${RUNS:-3}
+  WORK=$(mktemp -d /tmp/rmount-bench.XXXXXX)
+  MOUNTS=()
+  ROWS=()
+  trap bench_cleanup EXIT
+else
+  bench_init
+fi
+if ! command -v strace > /dev/null; then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends strace > /dev/null ||
+    { apt-get update > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends strace > /dev/null; } ||
+    echo "bench-lazy: strace is missing; bytes read will show FAILED" >&2
+fi
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# The registry, kept for the whole run.
+reg=127.0.0.1:$(free_port)
+cat > "$WORK/registry.yml" << YML
+version: 0.1
+log: {level: error}
+storage: {filesystem: {rootdirectory: $WORK/registry}, delete: {enabled: true}}
+http: {addr: $reg}
+YML
+docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 &
+echo $! > "$WORK/registry.pid"
+for _ in $(seq 100); do curl -s -o /dev/null "http://$reg/v2/" && break; sleep 0.05; done
+stop_registry() { kill "$(cat "$WORK/registry.pid")" 2> /dev/null || true; }
+
+export RMOUNT WORK
+export RMOUNT_HOSTS_DIR=$WORK/hosts.d # no mirrors from the host
+mkdir -p "$RMOUNT_HOSTS_DIR"
+export NGINX_PORT
+NGINX_PORT=$(free_port)
+export TRACED=execve,open,openat,chroot
+export NGINX_CONF="pid /tmp/bench-nginx/nginx.pid; error_log stderr error; worker_processes 1;
+events { worker_connections 64; }
+http { access_log off; include /etc/nginx/mime.types;
+  client_body_temp_path /tmp/bench-nginx/body; proxy_temp_path /tmp/bench-nginx/proxy;
+  fastcgi_temp_path /tmp/bench-nginx/fastcgi; uwsgi_temp_path /tmp/bench-nginx/uwsgi;
+  scgi_temp_path /tmp/bench-nginx/scgi;
+  server { listen 127.0.0.1:$NGINX_PORT; root /usr/share/nginx/html; } }"
+
+# procs_in DIR: PIDs of the processes chrooted in DIR.
+procs_in() {
+  local p r
+  for p in /proc/[0-9]*; do
+    r=$(readlink "$p/root" 2> /dev/null) || continue
+    [[ $r == "$1" ]] && echo "${p#/proc/}"
+  done
+  return 0
+}
+
+# unmount MNT ROOT: stops what runs in MNT, unmounts it and drops its changes.
+unmount() {
+  local mnt=$1 root=$2 pids
+  pids=$(procs_in "$mnt")
+  [[ -z $pids ]] || kill -9 $pids 2> /dev/null || true
+  mountpoint -q "$mnt" || return 0
+  "$RMOUNT" --root "$root" umount --discard "$mnt" 2> /dev/null ||
+    "$RMOUNT" --root "$root" umount "$mnt" 2> /dev/null || umount "$mnt" 2> /dev/null || umount -l "$mnt"
+}
+
+# reset MNT ROOT [DIR…]: unmount, then remove ROOT and the DIRs, drop caches.
+reset() {
+  local mnt=$1 root=$2
+  shift 2
+  unmount "$mnt" "$root"
+  rm -rf "$root" "$@"
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+}
+
+# cold_mount MNT ROOT REF [OPTS…]: unmount MNT, drop caches, mount REF from ROOT (kept).
+cold_mount() {
+  local mnt=$1 root=$2 ref=$3
+  shift 3
+  unmount "$mnt" "$root"
+  sync
+  echo 3 > /proc/sys/vm/drop_caches
+  "$RMOUNT" --root "$root" mount "$ref" "$mnt" "$@" > /dev/null
+}
+
+wl_python() { chroot "$1" python3 -c 'import json, asyncio, email, http.server, sqlite3'; }
+
+# wl_nginx ROOTFS [STRACE-OUT]: starts nginx chrooted in ROOTFS on a loopback
+# port, waits for one answer to GET /, stops it and waits until it is gone.
+wl_nginx() {
+  local r=$1 trace=${2:-} ok=1 i tracer=
+  local start=(chroot "$r" /bin/sh -c 'mkdir -p /tmp/bench-nginx && printf "%s\n" "$1" > /tmp/bench-nginx/nginx.conf && exec nginx -c /tmp/bench-nginx/nginx.conf' sh "$NGINX_CONF")
+  if [[ -n $trace ]]; then
+    strace -f -qq -s 4096 -o "$trace" -e trace="$TRACED" "${start[@]}" &
+    tracer=$!
+  else
+    "${start[@]}" || return 1
+  fi
+  for i in $(seq 1000); do
+    if curl -sf -o /dev/null "http://127.0.0.1:$NGINX_PORT/"; then ok=0 && break; fi
+    sleep 0.01
+  done
+  chroot "$r" /bin/sh -c 'kill $(cat /tmp/bench-nginx/nginx.pid)' 2> /dev/null || true
+  for i in $(seq 500); do [[ -z $(procs_in "$r") ]] && break; sleep 0.01; done
+  [[ -z $tracer ]] || wait "$tracer" || ok=1
+  return $ok
+}
+
+# wl_trace KIND ROOTFS OUT: the workload under strace (execve/open/openat/chroot, children followed).
+wl_trace() {
+  case $1 in
+    python) strace -f -qq -s 4096 -o "$3" -e trace="$TRACED" \
+      chroot "$2" python3 -c 'import json, asyncio, email, http.server, sqlite3' ;;
+    nginx) wl_nginx "$2" "$3" ;;
+  esac
+}
+
+readall() { chroot "$1" tar -C / --one-file-system -cf - . | wc -c; }
+
+export -f procs_in unmount reset cold_mount wl_python wl_nginx readall
+
+# bytes_read TRACE ROOTFS: total size of the distinct regular files that
+# processes chrooted in ROOTFS opened or executed (successfully).
+bytes_read() {
+  python3 - "$1" "$2" << 'PY'
+import os, re, stat, sys
+trace, root = sys.argv[1:]
+first = None          # the `chroot` process: outside until its chroot() returns 0
+inside = set()
+pending = {}          # pid -> path of an <unfinished ...> call
+paths = set()
+call = re.compile(r'(?:openat\([^,]+, |open\(|execve\()"((?:[^"\\]|\\.)*)"')
+for line in open(trace, errors="replace"):
+    m = re.match(r'(\d+)\s+(.*)', line)
+    if not m:
+        continue
+    pid, rest = int(m[1]), m[2].rstrip()
+    if first is None:
+        first = pid
+    if pid == first and pid not in inside:
+        if rest.startswith("chroot(") and re.search(r"= 0$", rest):
+            inside.add(pid)
+        continue
+    if rest.endswith("<unfinished ...>"):
+        c = call.match(rest)
+        if c:
+            pending[pid] = c[1]
+        continue
+    if rest.startswith("<... "):
+        path = pending.pop(pid, None)
+    else:
+        c = call.match(rest)
+        path = c[1] if c else None
+    if path is None:
+        continue
+    r = re.search(r"= (-?\d+)", rest)
+    if r and int(r[1]) >= 0:
+        paths.add(path)
+# Undo strace's escapes before the chroot (codecs load lazily from the host).
+paths = {p.encode("latin-1", "backslashreplace").decode("unicode_escape").encode("latin-1") for p in paths}
+os.chroot(root)
+os.chdir("/")
+seen, total = set(), 0
+for p in paths:
+    try:
+        st = os.stat(p)
+    except OSError:
+        continue
+    if stat.S_ISREG(st.st_mode) and (st.st_dev, st.st_ino) not in seen:
+        seen.add((st.st_dev, st.st_ino))
+        total += st.st_size
+print(total)
+PY
+}
+
+# stat_field ROOT MNT FIELD: a number from `rmount stats --json`.
+stat_field() {
+  "$RMOUNT" --root "$1" stats "$2" --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[sys.argv[1]])' "$3"
+}
+
+mb() { calc "'%.1f' % ($1 / 1e6)"; }
+
+add_row() { # measurement lazy pull skopeo ratio target
+  local line="| $1 | $2 | $3 | $4 | $5 | $6 |"
+  ROWS+=("$line")
+  echo "$line"
+}
+
+bench_image() { # NAME TAG KIND(python|nginx)
+  local name=$1 tag=$2 kind=$3
+  local D=$WORK/$name M=$WORK/$name/mnt R=$WORK/$name/lazy S=$WORK/$name/store
+  mkdir -p "$D" "$M"
+  MOUNTS+=("$M")
+  local layout
+  if ! layout=$(scripts/make-images.sh "$name"); then
+    echo "FAILED: scripts/make-images.sh $name" | tee -a "$WORK/failures" >&2
+    ROWS+=("" "### $name: FAILED (image build)")
+    return
+  fi
+  local ref=$reg/$name:$tag plain=$reg/$name-noindex:$tag mib
+  mib=$(calc "'%.0f' % ($(du -sb "$layout/blobs" | cut -f1) / 1048576)")
+  # The workload needs a writable rootfs for nginx (logs, pid, temp dirs).
+  local opts="--read-only" wl=wl_python
+  [[ $kind == nginx ]] && opts="" wl=wl_nginx
+
+  # Publish: the image twice (with and without an index artifact); the
+  # store's copy (pulled, indexed, artifact pushed); an unpacked rootfs.
+  local setup_ok=yes
+  skopeo copy -q --dest-tls-verify=false "oci:$layout:$tag" "docker://$ref" || setup_ok=no
+  skopeo copy -q --dest-tls-verify=false "oci:$layout:$tag" "docker://$plain" || setup_ok=no
+  "$RMOUNT" --root "$S" pull -q "$ref" > /dev/null || setup_ok=no
+  "$RMOUNT" --root "$S" index build "$ref" --push > /dev/null || setup_ok=no
+  skopeo copy -q --src-tls-verify=false "docker://$ref" "oci:$D/oci:$tag" || setup_ok=no
+  umoci unpack --image "$D/oci:$tag" "$D/bundle" > /dev/null 2>&1 || setup_ok=no
+  [[ $setup_ok == yes ]] || echo "FAILED: setup of $name (see above)" | tee -a "$WORK/failures" >&2
+  local U=$D/bundle/rootfs
+  echo "## $name ($mib MiB compressed)"
+  ROWS+=("" "### $name ($mib MiB compressed)" ""
+    "| measurement | lazy mount | rmount pull + mount | skopeo copy + umoci unpack | lazy / pull | target |"
+    "| --- | --- | --- | --- | --- | --- |")
+
+  # (i) mount usable.
+  local t_i t_i_plain
+  t_i=$(median "'$RMOUNT' --root '$R' mount '$ref' '$M' $opts > /dev/null" "reset '$M' '$R'" 0)
+  t_i_plain=$(median "'$RMOUNT' --root '$R' mount '$plain' '$M' $opts > /dev/null" "reset '$M' '$R'" 0)
+  add_row "(i) mount usable, index artifact (s)" "$t_i" "" "" "" "≤ 0.3 s"
+  add_row "(i) mount usable, no index artifact: layers downloaded (s)" "$t_i_plain" "" "" "" ""
+
+  # (ii) the workload from command start, and alone.
+  local lazy pull sk
+  lazy=$(median "'$RMOUNT' --root '$R' mount '$ref' '$M' $opts > /dev/null && $wl '$M'" "reset '$M' '$R'" 0)
+  pull=$(median "'$RMOUNT' --root '$R' pull -q '$ref' > /dev/null && '$RMOUNT' --root '$R' mount '$ref' '$M' $opts > /dev/null && $wl '$M'" \
+    "reset '$M' '$R'" 0)
+  sk=$(median "skopeo copy -q --src-tls-verify=false docker://$ref oci:$D/sk:$tag && umoci unpack --image $D/sk:$tag $D/skb > /dev/null 2>&1 && $wl $D/skb/rootfs" \
+    "reset '$D/skb/rootfs' '$D/sk' '$D/skb'" 0)
+  add_row "(ii) $kind workload done, from command start (s)" "$lazy" "$pull" "$sk" "$(ratio "$lazy" "$pull")×" "≤ 0.3×"
+  lazy=$(median "$wl '$M'" "reset '$M' '$R' && '$RMOUNT' --root '$R' mount '$ref' '$M' $opts > /dev/null" 0)
+  pull=$(median "$wl '$M'" "cold_mount '$M' '$S' '$ref' $opts" 0)
+  sk=$(median "$wl '$U'" "unmount '$U' none; sync; echo 3 > /proc/sys/vm/drop_caches" 0)
+  add_row "$kind workload alone, on a ready mount / rootfs, cold (s)" "$lazy" "$pull" "$sk" "$(ratio "$lazy" "$pull")×" ""
+
+  # (iii) fetched vs read, one run under strace.
+  local fetched read
+  fetched=FAILED read=FAILED
+  if reset "$M" "$R" && "$RMOUNT" --root "$R" mount "$ref" "$M" $opts > /dev/null &&
+    wl_trace "$kind" "$M" "$D/trace" > "$D/trace.out" 2>&1; then
+    sleep 1.5 # stats are refreshed about once a second
+    fetched=$(stat_field "$R" "$M" fetchedBytes) || fetched=FAILED
+    read=$(bytes_read "$D/trace" "$M") || read=FAILED
+  else
+    echo "FAILED: traced $kind workload on a lazy mount of $ref" | tee -a "$WORK/failures" >&2
+    tail -5 "$D/trace.out" >&2 || true
+  fi
+  add_row "(iii) fetched / read by the workload (MB)" "$(mb "$fetched") / $(mb "$read")" "" "" \
+    "$(ratio "$fetched" "$read")× (fetched / read)" "≤ 1.5×"
+
+  # (iv) read every file, lazily vs from the store.
+  local bytes t_lazy t_store
+  bytes=$( (cold_mount "$M" "$S" "$ref" --read-only && readall "$M") 2> /dev/null) || bytes=0
+  t_lazy=$(median "readall '$M' > /dev/null" "reset '$M' '$R' && '$RMOUNT' --root '$R' mount '$ref' '$M' --read-only > /dev/null" 0)
+  t_store=$(median "readall '$M' > /dev/null" "cold_mount '$M' '$S' '$ref' --read-only" 0)
+  add_row "(iv) read every file ($(mb "$bytes") MB as tar), cold (s)" "$t_lazy" "$t_store (store)" "" \
+    "$(ratio "$t_lazy" "$t_store")× (lazy / store)" "≤ 1.5×"
+  add_row "(iv) read-every-file throughput (MB/s)" "$(calc "'%.0f' % ($bytes / 1e6 / $t_lazy)")" \
+    "$(calc "'%.0f' % ($bytes / 1e6 / $t_store)") (store)" "" "" ""
+  unmount "$M" "$R"
+  unmount "$M" "$S"
+}
+
+trap 'stop_registry; bench_cleanup' EXIT
+for name in ${IMAGES:-debian-python debian-nginx}; do
+  bench_image "$name" "${name#debian-}" "${name#debian-}"
+done
+
+{
+  echo "## Lazy mounts (\`scripts/bench-lazy.sh\`)"
+  echo
+  echo "From a loopback registry (Debian's \`docker-registry\` 2.8), medians of $RUNS runs, every"
+  echo "run cold: page cache dropped and an empty rmount root (no store, index cache or chunk cache)."
+  echo "*Lazy mount*: \`rmount mount REF MNT\` of an image not in the store, whose rmount index"
+  echo "artifact is in the registry (\`rmount index build --push\`); the mount returns once it serves."
+  echo "*rmount pull + mount*: \`rmount pull\`, then a mount from the store. *skopeo + umoci*:"
+  echo "\`skopeo copy docker://… oci:…\`, \`umoci unpack\`, then \`chroot\`. Workloads: python,"
+  echo "\`chroot MNT python3 -c 'import json, asyncio, email, http.server, sqlite3'\`; nginx, started"
+  echo "in a chroot (writable mount) on a loopback port until \`curl\` gets \`/\`, then stopped."
+  echo "Fetched: \`rmount stats\` fetchedBytes (compressed bytes from the registry) after the"
+  echo "workload; read: the sizes of the distinct regular files the workload opened or executed"
+  echo "(\`strace -f -e trace=$TRACED\`), uncompressed. Read every file: \`chroot MNT tar -cf - /\` into"
+  echo "\`wc -c\`. Targets (issue 6): (i) ≤ 300 ms with an index artifact; (ii) ≤ 0.3× the"
+  echo "full-pull path; (iii) fetched ≤ 1.5× read; (iv) read-all ≤ 1.5× the time from the store."
+  printf '%s\n' "${ROWS[@]}"
+  echo
+  if [[ -s $WORK/failures ]]; then
+    echo "FAILED cells: see the run's output (\`$(grep -c '^FAILED' "$WORK/failures")\` failures)."
+    echo
+  fi
+  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, kernel $(uname -r)${RMOUNT_BIN:+, with $RMOUNT_BIN (not a release build)}."
+} | write_section bench-lazy

@@ -155,7 +155,7 @@ impl<W: Write> Write for HashingWriter<W> {
 /// a buffer over costs nothing next to hashing it.
 const CHUNK: usize = 1 << 20;
 /// Full buffers queued for a [`HashingThread`]: enough to ride out
-/// scheduling hiccups, few enough to bound its memory (`DEPTH + 2` chunks).
+/// scheduling hiccups, few enough to keep its memory at a few chunks.
 const DEPTH: usize = 4;
 
 /// A sink that hashes and counts what is written to it on a thread of its

@@ -96,6 +96,17 @@ pub struct RegistryArgs {
     pub authfile: Option<PathBuf>,
 }
 
+/// Output of pull and push.
+#[derive(Debug, Args)]
+pub struct TransferOutput {
+    /// No progress output.
+    #[arg(short, long)]
+    pub quiet: bool,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
 /// `rmount pull`.
 #[derive(Debug, Args)]
 pub struct PullArgs {
@@ -111,12 +122,9 @@ pub struct PullArgs {
     /// Layers downloaded at once.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub max_concurrent_downloads: usize,
-    /// No progress output.
-    #[arg(short, long)]
-    pub quiet: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
+    /// Progress and result output.
+    #[command(flatten)]
+    pub output: TransferOutput,
     /// How to reach the registry.
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -131,19 +139,16 @@ pub struct PushArgs {
     /// Where to push it. [default: REF]
     #[arg(value_name = "DEST")]
     pub destination: Option<String>,
-    /// Upload blobs larger than this in chunks of this many bytes
-    /// (PATCH requests) instead of in one request.
-    #[arg(long, value_name = "BYTES")]
+    /// Upload blobs larger than this in chunks of this size (PATCH
+    /// requests) instead of in one request, e.g. 16M.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size_arg)]
     pub chunk_size: Option<u64>,
     /// Blobs uploaded at once.
     #[arg(long, value_name = "N", default_value_t = 3)]
     pub max_concurrent_uploads: usize,
-    /// No progress output.
-    #[arg(short, long)]
-    pub quiet: bool,
-    /// Print the result as JSON.
-    #[arg(long)]
-    pub json: bool,
+    /// Progress and result output.
+    #[command(flatten)]
+    pub output: TransferOutput,
     /// How to reach the registry.
     #[command(flatten)]
     pub registry: RegistryArgs,
@@ -515,7 +520,11 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
 }
 
 /// Entry point of the `rmount` binary.

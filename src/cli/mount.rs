@@ -99,22 +99,8 @@ fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
             PrefetchArg::All => Some("--prefetch=all"),
             PrefetchArg::Recorded => Some("--prefetch=recorded"),
         })
-        .args(
-            args.prefetch_list
-                .iter()
-                .map(|p| absolute(p))
-                .collect::<Result<Vec<_>>>()?
-                .iter()
-                .flat_map(|p| [OsStr::new("--prefetch-list"), p.as_os_str()]),
-        )
-        .args(
-            args.record
-                .iter()
-                .map(|p| absolute(p))
-                .collect::<Result<Vec<_>>>()?
-                .iter()
-                .flat_map(|p| [OsStr::new("--record"), p.as_os_str()]),
-        )
+        .args(path_flag("--prefetch-list", args.prefetch_list.as_deref())?)
+        .args(path_flag("--record", args.record.as_deref())?)
         .args(args.prefetch_rate.map(|r| format!("--prefetch-rate={r}")))
         .args(args.registry.insecure_registry.iter().map(|h| format!("--insecure-registry={h}")))
         .args(
@@ -193,6 +179,14 @@ fn remote_options(store: &Store, manifest: &Digest, args: &MountArgs) -> Result<
         fetch_timeout: Duration::from_secs(args.fetch_timeout),
         prefetch,
         prefetch_rate: args.prefetch_rate,
+    })
+}
+
+/// `FLAG PATH` with the path made absolute, for the serving process.
+fn path_flag(flag: &str, path: Option<&Path>) -> Result<Vec<std::ffi::OsString>> {
+    Ok(match path {
+        Some(p) => vec![flag.into(), absolute(p)?.into_os_string()],
+        None => Vec::new(),
     })
 }
 

@@ -47,11 +47,11 @@ pub fn pull(root: &Path, args: &PullArgs) -> Result<()> {
         lazy: false,
     };
     let store = open_store(root)?;
-    let bars = Bars::new("Downloading", args.quiet);
+    let bars = Bars::new("Downloading", args.output.quiet);
     let pulled = transfer::pull(&store, &client(&args.registry)?, &reference, &options, &bars)
         .with_context(|| format!("pulling {reference}"))?;
     bars.clear();
-    if args.json {
+    if args.output.json {
         let json = serde_json::json!({
             "reference": pulled.reference,
             "digest": pulled.digest.to_string(),
@@ -60,7 +60,7 @@ pub fn pull(root: &Path, args: &PullArgs) -> Result<()> {
         });
         println!("{json}");
     } else {
-        if !args.quiet {
+        if !args.output.quiet {
             println!("Status: {} ({})", reference, bars.summary());
         }
         println!("Digest: {}", pulled.digest);
@@ -72,7 +72,7 @@ pub fn push(root: &Path, args: &PushArgs) -> Result<()> {
     let destination: Reference = args.destination.as_deref().unwrap_or(&args.reference).parse()?;
     let store = open_store(root)?;
     let options = PushOptions { chunk_size: args.chunk_size, jobs: args.max_concurrent_uploads };
-    let bars = Bars::new("Pushing", args.quiet);
+    let bars = Bars::new("Pushing", args.output.quiet);
     let pushed = transfer::push(
         &store,
         &client(&args.registry)?,
@@ -83,7 +83,7 @@ pub fn push(root: &Path, args: &PushArgs) -> Result<()> {
     )
     .with_context(|| format!("pushing {} to {destination}", args.reference))?;
     bars.clear();
-    if args.json {
+    if args.output.json {
         let json = serde_json::json!({
             "reference": pushed.reference,
             "digest": pushed.digest.to_string(),
@@ -91,7 +91,7 @@ pub fn push(root: &Path, args: &PushArgs) -> Result<()> {
         });
         println!("{json}");
     } else {
-        if !args.quiet {
+        if !args.output.quiet {
             println!("Pushed {} ({})", pushed.reference, bars.summary());
         }
         println!("Digest: {} size: {}", pushed.digest, pushed.size);

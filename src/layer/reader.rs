@@ -13,8 +13,11 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+
+/// Spans a sequential reader of a remote blob keeps in flight.
+const REMOTE_READ_AHEAD: usize = 3;
 
 /// Random access to the uncompressed tar stream of one layer blob.
 ///
@@ -30,8 +33,8 @@ pub struct LayerReader {
     span_starts: Arc<[u64]>,
     /// zstd only: the frame of each span.
     zstd_spans: Arc<[ZstdSpan]>,
-    /// A read-ahead is running (at most one per layer).
-    reading_ahead: Arc<AtomicBool>,
+    /// Read-aheads running on this layer (one locally, up to `REMOTE_READ_AHEAD` remotely).
+    reading_ahead: Arc<AtomicUsize>,
 }
 
 impl LayerReader {
@@ -90,7 +93,7 @@ impl LayerReader {
             cache,
             span_starts: span_starts.into(),
             zstd_spans: zstd_spans.into(),
-            reading_ahead: Arc::new(AtomicBool::new(false)),
+            reading_ahead: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -144,25 +147,37 @@ impl LayerReader {
     /// Loads span `i` in the background when a read has gone past the
     /// middle of the span before it: a sequential reader then finds it
     /// ready, and the inflating (or fetching, for a remote blob) runs
-    /// meanwhile. One read-ahead per layer at a time, so random reads cannot
-    /// pile them up.
+    /// meanwhile. Locally one read-ahead per layer runs at a time, so random
+    /// reads cannot pile them up. A remote blob whose reads have been
+    /// sequential (the span before was read too) keeps up to
+    /// [`REMOTE_READ_AHEAD`] spans in flight, so a large file streams at the
+    /// bandwidth of several requests instead of one round trip per span.
     fn read_ahead(&self, i: usize) {
-        let worth_it =
-            matches!(self.index.access, AccessMap::Gzip(_)) || self.source.local_file().is_none();
-        if !worth_it
-            || i >= self.span_starts.len()
-            || self.cache.has(&self.key(i))
-            || self.reading_ahead.swap(true, Ordering::AcqRel)
-        {
+        let remote = self.source.local_file().is_none();
+        if !(remote || matches!(self.index.access, AccessMap::Gzip(_))) {
             return;
         }
-        let reader = self.clone();
-        std::thread::spawn(move || {
-            if let Err(e) = reader.span(i) {
-                tracing::debug!("read-ahead of span {i}: {e}");
+        let sequential = i >= 2 && self.cache.has(&self.key(i - 2));
+        let depth = if remote && sequential { REMOTE_READ_AHEAD } else { 1 };
+        for next in i..(i + depth).min(self.span_starts.len()) {
+            if self.cache.has(&self.key(next)) {
+                continue;
             }
-            reader.reading_ahead.store(false, Ordering::Release);
-        });
+            // Take a read-ahead slot, or stop: enough are running.
+            let taken = self.reading_ahead.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < depth).then_some(n + 1)
+            });
+            if taken.is_err() {
+                return;
+            }
+            let reader = self.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = reader.span(next) {
+                    tracing::debug!("read-ahead of span {next}: {e}");
+                }
+                reader.reading_ahead.fetch_sub(1, Ordering::AcqRel);
+            });
+        }
     }
 
     /// Can `len` bytes at `offset` be read without decompressing anything

@@ -110,7 +110,6 @@ impl ChunkSender {
 }
 
 /// Where a [`ChunkReader`] is.
-#[derive(PartialEq)]
 enum State {
     Reading,
     /// The end marker arrived.

@@ -11,12 +11,13 @@ use super::index_artifact::fetch_index_artifact;
 use super::{pipe, BlobOutcome, Progress, TransferError};
 use crate::digest::{Digest, HashingReader};
 use crate::durable::AtomicFile;
-use crate::layer::{build_index, has_index, save_index, LayerError};
+use crate::layer::{build_index, has_index, save_index, LayerError, LayerIndex};
 use crate::platform::{describe, Platform};
 use crate::reference::Reference;
-use crate::registry::{Action, Client, Manifest, RegistryError, Repository};
+use crate::registry::{Action, BlobStream, Client, Manifest, RegistryError, Repository};
 use crate::store::{io_err, RefEntry, Store};
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
+use std::fs::File;
 use std::io::{self, Seek};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -259,20 +260,10 @@ fn fetch_layer(
     }
     let stream = repository.blob(digest, size)?;
     let mut file = AtomicFile::create(&dest).map_err(io_err(&dest))?;
-    let (chunks, blob) = pipe::channel();
-    let (indexed, whole) = std::thread::scope(|scope| {
-        let copy = file.file();
-        let advanced = |n| progress.blob_advanced(digest, n);
-        let download = std::thread::Builder::new()
-            .name("download".into())
-            .spawn_scoped(scope, move || pipe::download(stream, copy, chunks, advanced))?;
-        // Verifies the digest; the file stays a temp file unless it matches.
-        // Returning drops `blob`, so a failed pass lets the download run on alone.
-        let indexed = build_index(blob, digest);
-        let whole = download.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        Ok::<_, io::Error>((indexed, whole))
-    })
-    .map_err(|source| LayerError::Io { digest: digest.clone(), source })?;
+    let advanced = |n| progress.blob_advanced(digest, n);
+    let (indexed, whole) = index_while_downloading(stream, file.file(), digest, advanced)
+        .map_err(|source| LayerError::Io { digest: digest.clone(), source })?;
+    // The pass verified the digest; the file stays a temp file unless it matched.
     let index = match indexed {
         Ok(index) => index,
         Err(e) => return Err(explain_bad_layer(repository, digest, file.file(), whole, e)),
@@ -285,6 +276,28 @@ fn fetch_layer(
     Ok(())
 }
 
+/// Downloads `stream` into `file` on a thread of its own (see [`pipe`])
+/// while the indexing pass reads it on this one. Returns the outcome of the
+/// pass and whether the whole blob reached `file`; fails only when the
+/// thread cannot be started.
+fn index_while_downloading(
+    stream: BlobStream,
+    file: &mut File,
+    digest: &Digest,
+    advanced: impl Fn(u64) + Send,
+) -> io::Result<(Result<LayerIndex, LayerError>, bool)> {
+    let (chunks, blob) = pipe::channel();
+    std::thread::scope(|scope| {
+        let download = std::thread::Builder::new()
+            .name("download".into())
+            .spawn_scoped(scope, move || pipe::download(stream, file, chunks, advanced))?;
+        // Returning drops `blob`: after a failed pass the download runs on alone.
+        let indexed = build_index(blob, digest);
+        let whole = download.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        Ok((indexed, whole))
+    })
+}
+
 /// A layer that failed to index: corrupt compression or tar, or a wrong
 /// digest. Damage in transit shows up as any of these, so when the whole
 /// blob reached `copy` it is hashed: a digest that does not match is the
@@ -292,7 +305,7 @@ fn fetch_layer(
 fn explain_bad_layer(
     repository: &Repository,
     digest: &Digest,
-    copy: &std::fs::File,
+    copy: &File,
     whole: bool,
     error: LayerError,
 ) -> TransferError {

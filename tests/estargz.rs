@@ -24,10 +24,6 @@ const GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// eStargz chunk size of the fixture (stargz-snapshotter's default is 4 MiB).
 const CHUNK: usize = 256 << 10;
 
-fn d(path: &str, mode: u32) -> (Item, Meta) {
-    (Item::Dir { path: path.into(), mode }, Meta::default())
-}
-
 fn f(path: &str, mode: u32, data: Vec<u8>) -> (Item, Meta) {
     (Item::File { path: path.into(), mode, data }, Meta::default())
 }
@@ -36,27 +32,8 @@ fn f(path: &str, mode: u32, data: Vec<u8>) -> (Item, Meta) {
 /// owners and an empty file; then a layer that whites out, makes a
 /// directory opaque and changes a file.
 fn layer_items() -> [Vec<(Item, Meta)>; 2] {
-    let l0 = vec![
-        d("etc", 0o755),
-        f("etc/os-release", 0o644, b"NAME=esgz\n".to_vec()),
-        f("etc/remove-me", 0o600, b"bye\n".to_vec()),
-        d("usr", 0o755),
-        d("usr/bin", 0o755),
-        f("usr/bin/tool", 0o755, random_bytes(1_000_000, 1)),
-        (Item::Symlink { path: "usr/bin/alias".into(), target: "tool".into() }, Meta::default()),
-        (
-            Item::Hardlink { path: "usr/bin/tool-link".into(), target: "usr/bin/tool".into() },
-            Meta::default(),
-        ),
-        (
-            Item::File {
-                path: "usr/bin/tagged".into(),
-                mode: 0o755,
-                data: b"#!/bin/sh\n".to_vec(),
-            },
-            Meta { xattrs: vec![("user.origin".into(), b"esgz-test".to_vec())], ..Meta::default() },
-        ),
-        d("replaced", 0o755),
+    let mut l0 = system_items("esgz", random_bytes(1_000_000, 1));
+    l0.extend([
         f("replaced/old", 0o644, b"old\n".to_vec()),
         (
             Item::Dir { path: "home".into(), mode: 0o750 },
@@ -68,7 +45,7 @@ fn layer_items() -> [Vec<(Item, Meta)>; 2] {
         ),
         f("empty", 0o644, Vec::new()),
         f("data.txt", 0o644, pseudo_random(3 << 20, 4)),
-    ];
+    ]);
     let l1 = vec![
         (Item::Whiteout { path: "etc/remove-me".into() }, Meta::default()),
         (Item::Opaque { path: "replaced".into() }, Meta::default()),
@@ -114,31 +91,12 @@ fn write_layout(dir: &Path, tag: &str, layers: &[Estargz]) {
     std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
 }
 
-/// `rmount stats DIR --json`.
-fn stats(client: &Client, mnt: &Path) -> Value {
-    let out = client.ok(&["stats", mnt.to_str().unwrap(), "--json"]);
-    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("no stats JSON ({e}):\n{out}"))
-}
-
-/// Every ROOT/mounts/*.log (the serving processes' stderr).
-fn mount_logs(root: &Path) -> String {
-    let Ok(dir) = std::fs::read_dir(root.join("mounts")) else { return String::new() };
-    dir.flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
-        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
-        .collect()
-}
-
 /// Unmounts on drop.
 struct Unmount<'a>(&'a Client, &'a Path);
 
 impl Drop for Unmount<'_> {
     fn drop(&mut self) {
-        let out = self.0.run(&["umount", self.1.to_str().unwrap()]);
-        if !out.status.success() {
-            eprintln!("unmounting {} failed: {}", self.1.display(), describe(&out));
-            let _ = std::process::Command::new("umount").arg("-l").arg(self.1).status();
-        }
+        self.0.umount_or_detach(self.1);
     }
 }
 
@@ -190,7 +148,7 @@ fn lazy_equals_pulled(
     let _unmount = Unmount(&lazy, &mnt);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let total: u64 = layers.iter().map(|l| l.size).sum();
-    let before = stats(&lazy, &mnt);
+    let before = lazy.stats(&mnt);
     assert!(before["fetchedBytes"].as_u64().unwrap() < total, "{before:#}");
     for (layer, s) in layers.iter().zip(before["layers"].as_array().unwrap()) {
         assert_eq!(s["digest"], json!(layer.digest));
@@ -199,7 +157,7 @@ fn lazy_equals_pulled(
     }
     let actual = describe_tree(&mnt);
     assert_same_tree(&expected, &actual);
-    let logs = format!("{stderr}{}", mount_logs(&lazy.root));
+    let logs = format!("{stderr}{}", lazy.mount_logs());
     assert!(!logs.contains("downloading it in full"), "a layer was downloaded:\n{logs}");
     // Every GET of a layer blob had a Range (footer, TOC, chunks).
     for layer in layers {
@@ -211,7 +169,7 @@ fn lazy_equals_pulled(
         assert!(whole.is_empty(), "whole-blob GETs of {}: {whole:?}", layer.digest);
     }
     std::thread::sleep(Duration::from_millis(1200));
-    let after = stats(&lazy, &mnt);
+    let after = lazy.stats(&mnt);
     let fetched = after["fetchedBytes"].as_u64().unwrap();
     assert!(fetched > 0 && fetched <= total, "{after:#}");
     expected

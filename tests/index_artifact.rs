@@ -290,8 +290,7 @@ impl<'a> Mount<'a> {
     }
 
     fn stats(&self) -> Value {
-        let out = self.client.ok(&["stats", self.path.to_str().unwrap(), "--json"]);
-        serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("no JSON ({e}):\n{out}"))
+        self.client.stats(&self.path)
     }
 
     fn unmount(self) {}
@@ -299,22 +298,8 @@ impl<'a> Mount<'a> {
 
 impl Drop for Mount<'_> {
     fn drop(&mut self) {
-        let out = self.client.run(&["umount", self.path.to_str().unwrap()]);
-        if !out.status.success() {
-            eprintln!("unmounting {} failed: {}", self.path.display(), describe(&out));
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
-        }
+        self.client.umount_or_detach(&self.path);
     }
-}
-
-fn num(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("{key} is not a number: {v:#}"))
-}
-
-fn layer_stats<'a>(stats: &'a Value, layer: &Digest) -> &'a Value {
-    let layers = stats["layers"].as_array().unwrap_or_else(|| panic!("no layers: {stats:#}"));
-    let found = layers.iter().find(|l| l["digest"] == layer.to_string().as_str());
-    found.unwrap_or_else(|| panic!("no layer {layer} in {stats:#}"))
 }
 
 /// The `len` bytes of the file at `path`, read 1 MiB at a time from its end.
@@ -437,8 +422,12 @@ fn a_recorded_list_published_with_the_indexes_is_prefetched_by_a_fresh_lazy_moun
     }
     eprintln!("stats before any read: {stats:#}");
     assert!(num(&stats, "fetchedBytes") > 0, "{stats:#}");
-    assert!(num(layer_stats(&stats, &layers[0]), "chunksCached") > 0, "{stats:#}");
-    assert_eq!(num(layer_stats(&stats, &layers[1]), "chunksCached"), 0, "not listed: {stats:#}");
+    assert!(num(layer_stats(&stats, &layers[0].to_string()), "chunksCached") > 0, "{stats:#}");
+    assert_eq!(
+        num(layer_stats(&stats, &layers[1].to_string()), "chunksCached"),
+        0,
+        "not listed: {stats:#}"
+    );
 
     // The listed file's chunks are all there: reading it fetches nothing.
     // It is read backwards, so no sequential read-ahead starts either.

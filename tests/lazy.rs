@@ -93,27 +93,8 @@ fn layer(items: &[(Item, Meta)], how: Compress) -> (Vec<u8>, &'static str, Vec<u
 /// (one incompressible, one compressible), then a layer with a whiteout,
 /// an opaque directory and a changed file.
 fn tree_image(how: Compress) -> ImageSpec<'static> {
-    let mut l0 = vec![
-        d("etc", 0o755),
-        f("etc/os-release", 0o644, b"NAME=lazy\n".to_vec()),
-        f("etc/remove-me", 0o600, b"bye\n".to_vec()),
-        d("usr", 0o755),
-        d("usr/bin", 0o755),
-        f("usr/bin/tool", 0o755, random_bytes(200_000, 1)),
-        (Item::Symlink { path: "usr/bin/alias".into(), target: "tool".into() }, Meta::default()),
-        (
-            Item::Hardlink { path: "usr/bin/tool-link".into(), target: "usr/bin/tool".into() },
-            Meta::default(),
-        ),
-        (
-            Item::File {
-                path: "usr/bin/tagged".into(),
-                mode: 0o755,
-                data: b"#!/bin/sh\n".to_vec(),
-            },
-            Meta { xattrs: vec![("user.origin".into(), b"lazy-test".to_vec())], ..Meta::default() },
-        ),
-        d("replaced", 0o755),
+    let mut l0 = system_items("lazy", random_bytes(200_000, 1));
+    l0.extend([
         d("replaced/sub", 0o700),
         f("replaced/sub/old", 0o644, b"old\n".to_vec()),
         owned(d("home", 0o755), 0, 0, 1_650_000_000),
@@ -124,7 +105,7 @@ fn tree_image(how: Compress) -> ImageSpec<'static> {
         f("data/random.bin", 0o644, random_bytes(9 << 20, 3)),
         f("data/text.txt", 0o644, pseudo_random(6 << 20, 4)),
         d("many", 0o755),
-    ];
+    ]);
     for i in 0..300u64 {
         l0.push(f(
             &format!("many/f{i:03}"),
@@ -306,20 +287,6 @@ fn blob_gets_answered(proxy: &FaultProxy, digest: &str) -> usize {
         .count()
 }
 
-/// Opens `rel` beneath `root` without following symlinks out of it.
-fn open_in_root(root: &Path, rel: &str) -> io::Result<std::fs::File> {
-    use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
-    let dir = std::fs::File::open(root)?;
-    let fd = openat2(
-        &dir,
-        rel,
-        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-        ResolveFlags::IN_ROOT,
-    )?;
-    Ok(std::fs::File::from(fd))
-}
-
 fn read_in_root(root: &Path, rel: &str) -> io::Result<Vec<u8>> {
     let mut data = Vec::new();
     io::Read::read_to_end(&mut open_in_root(root, rel)?, &mut data)?;
@@ -385,9 +352,7 @@ impl ImageMount {
 
     /// `rmount stats DIR --json`.
     fn stats(&self) -> Value {
-        let out = self.client.ok(&["stats", self.path.to_str().unwrap(), "--json"]);
-        serde_json::from_str(out.trim())
-            .unwrap_or_else(|e| panic!("rmount stats --json printed no JSON ({e}):\n{out}"))
+        self.client.stats(&self.path)
     }
 
     /// Stats once `done` holds for them (they refresh about once a second),
@@ -410,14 +375,7 @@ impl ImageMount {
 
     /// Every ROOT/mounts/*.log (the serving processes' stderr).
     fn log(&self) -> String {
-        let mut out = String::new();
-        let Ok(dir) = std::fs::read_dir(self.client.root.join("mounts")) else { return out };
-        for e in dir.flatten() {
-            if e.path().extension().is_some_and(|x| x == "log") {
-                out += &std::fs::read_to_string(e.path()).unwrap_or_default();
-            }
-        }
-        out
+        self.client.mount_logs()
     }
 
     fn tree(&self) -> BTreeMap<String, String> {
@@ -427,26 +385,8 @@ impl ImageMount {
 
 impl Drop for ImageMount {
     fn drop(&mut self) {
-        let out = self.client.run(&["umount", self.path.to_str().unwrap()]);
-        if !out.status.success() {
-            eprintln!("unmounting {} failed: {}", self.path.display(), describe(&out));
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
-        }
+        self.client.umount_or_detach(&self.path);
     }
-}
-
-fn num(v: &Value, key: &str) -> u64 {
-    v[key].as_u64().unwrap_or_else(|| panic!("stats field {key} is not a number: {v:#}"))
-}
-
-/// The stats entry of one layer.
-fn layer_stats<'a>(stats: &'a Value, digest: &str) -> &'a Value {
-    stats["layers"]
-        .as_array()
-        .unwrap_or_else(|| panic!("stats have no layers array: {stats:#}"))
-        .iter()
-        .find(|l| l["digest"] == digest)
-        .unwrap_or_else(|| panic!("no layer {digest} in stats: {stats:#}"))
 }
 
 /// The byte ranges `[start, end]` of the proxy's GETs of `digest` with a

@@ -19,7 +19,9 @@ fn big_data(len: usize) -> Vec<u8> {
     out
 }
 
-fn header(kind: tar::EntryType, mode: u32) -> tar::Header {
+/// A GNU header of `kind` and `mode`, owned by 1000:1000, size 0 (also the
+/// eStargz tests' base header).
+pub(super) fn header(kind: tar::EntryType, mode: u32) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
     h.set_mode(mode);
@@ -28,6 +30,26 @@ fn header(kind: tar::EntryType, mode: u32) -> tar::Header {
     h.set_mtime(1_700_000_000);
     h.set_size(0);
     h
+}
+
+/// A whiteout, an opaque marker, a name over 100 bytes and a char device,
+/// with headers from `header` (the eStargz tests' sample has them too).
+pub(super) fn append_odd_entries(
+    b: &mut tar::Builder<Vec<u8>>,
+    header: fn(tar::EntryType, u32) -> tar::Header,
+) {
+    let mut h = header(tar::EntryType::Regular, 0);
+    b.append_data(&mut h, "etc/.wh.gone", &[][..]).unwrap();
+    let mut h = header(tar::EntryType::Regular, 0);
+    b.append_data(&mut h, "opaque/.wh..wh..opq", &[][..]).unwrap();
+    let long = format!("deep/{}/file", "n".repeat(200));
+    let mut h = header(tar::EntryType::Regular, 0o600);
+    h.set_size(3);
+    b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
+    let mut h = header(tar::EntryType::Char, 0o600);
+    h.set_device_major(1).unwrap();
+    h.set_device_minor(3).unwrap();
+    b.append_data(&mut h, "dev/null", &[][..]).unwrap();
 }
 
 fn sample_tar(big: &[u8]) -> Vec<u8> {
@@ -44,18 +66,7 @@ fn sample_tar(big: &[u8]) -> Vec<u8> {
     b.append_link(&mut h, "etc/link", "/etc/hostname").unwrap();
     let mut h = header(tar::EntryType::Link, 0o644);
     b.append_link(&mut h, "etc/hard", "etc/hostname").unwrap();
-    let mut h = header(tar::EntryType::Regular, 0);
-    b.append_data(&mut h, "etc/.wh.gone", &[][..]).unwrap();
-    let mut h = header(tar::EntryType::Regular, 0);
-    b.append_data(&mut h, "opaque/.wh..wh..opq", &[][..]).unwrap();
-    let long = format!("deep/{}/file", "n".repeat(200));
-    let mut h = header(tar::EntryType::Regular, 0o600);
-    h.set_size(3);
-    b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
-    let mut h = header(tar::EntryType::Char, 0o600);
-    h.set_device_major(1).unwrap();
-    h.set_device_minor(3).unwrap();
-    b.append_data(&mut h, "dev/null", &[][..]).unwrap();
+    append_odd_entries(&mut b, header);
     b.into_inner().unwrap()
 }
 

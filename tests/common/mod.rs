@@ -453,20 +453,25 @@ pub fn walk(root: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// sha256 of a regular file opened beneath `root` without following any
-/// symlink out of it (RESOLVE_IN_ROOT).
-pub fn hash_in_root(root: &Path, rel: &Path) -> String {
+/// Opens `rel` read-only beneath `root` without following any symlink out
+/// of it (RESOLVE_IN_ROOT), nor a symlink at `rel` itself.
+pub fn open_in_root(root: &Path, rel: impl AsRef<Path>) -> std::io::Result<std::fs::File> {
     use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
-    let dir = std::fs::File::open(root).unwrap();
+    let dir = std::fs::File::open(root)?;
     let fd = openat2(
         &dir,
-        rel,
+        rel.as_ref(),
         OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
         ResolveFlags::IN_ROOT,
-    )
-    .unwrap();
-    let mut file = std::fs::File::from(fd);
+    )?;
+    Ok(std::fs::File::from(fd))
+}
+
+/// sha256 of a regular file opened beneath `root` without following any
+/// symlink out of it (RESOLVE_IN_ROOT).
+pub fn hash_in_root(root: &Path, rel: &Path) -> String {
+    let mut file = open_in_root(root, rel).unwrap();
     let mut hasher = rmount::digest::HashingWriter::new(std::io::sink());
     std::io::copy(&mut file, &mut hasher).unwrap();
     hasher.finish().0.hex().to_string()

@@ -1118,6 +1118,43 @@ pub fn write_index_layout(dir: &Path, tag: &str, images: &[ImageSpec]) -> (Strin
     (digest, digests)
 }
 
+/// The first items of the lazy-mount tree fixtures: `etc` with an
+/// `os-release` of `NAME={name}` and a file a later layer whites out;
+/// `usr/bin` with `tool` (of `tool`'s bytes), a relative symlink and a
+/// hardlink to it, and a script with a `user.origin` xattr of `{name}-test`;
+/// and an empty `replaced` directory for a later layer to make opaque.
+pub fn system_items(name: &str, tool: Vec<u8>) -> Vec<(Item, Meta)> {
+    let dir = |path: &str| (Item::Dir { path: path.into(), mode: 0o755 }, Meta::default());
+    let file = |path: &str, mode, data: &[u8]| {
+        (Item::File { path: path.into(), mode, data: data.to_vec() }, Meta::default())
+    };
+    vec![
+        dir("etc"),
+        file("etc/os-release", 0o644, format!("NAME={name}\n").as_bytes()),
+        file("etc/remove-me", 0o600, b"bye\n"),
+        dir("usr"),
+        dir("usr/bin"),
+        (Item::File { path: "usr/bin/tool".into(), mode: 0o755, data: tool }, Meta::default()),
+        (Item::Symlink { path: "usr/bin/alias".into(), target: "tool".into() }, Meta::default()),
+        (
+            Item::Hardlink { path: "usr/bin/tool-link".into(), target: "usr/bin/tool".into() },
+            Meta::default(),
+        ),
+        (
+            Item::File {
+                path: "usr/bin/tagged".into(),
+                mode: 0o755,
+                data: b"#!/bin/sh\n".to_vec(),
+            },
+            Meta {
+                xattrs: vec![("user.origin".into(), format!("{name}-test").into_bytes())],
+                ..Meta::default()
+            },
+        ),
+        dir("replaced"),
+    ]
+}
+
 /// A layer as (blob, media type, tar) from items.
 pub fn make_layer(items: &[(Item, Meta)], how: Compress) -> (Vec<u8>, &'static str, Vec<u8>) {
     let tar = layer_tar(items);
@@ -1277,6 +1314,47 @@ impl Client {
         let hex = digest.strip_prefix("sha256:").unwrap_or(digest);
         self.root.join("blobs/sha256").join(hex)
     }
+
+    /// `rmount stats MNT --json`, parsed.
+    pub fn stats(&self, mnt: &Path) -> Value {
+        let out = self.ok(&["stats", mnt.to_str().unwrap(), "--json"]);
+        serde_json::from_str(out.trim())
+            .unwrap_or_else(|e| panic!("rmount stats --json printed no JSON ({e}):\n{out}"))
+    }
+
+    /// Every ROOT/mounts/*.log (the serving processes' stderr).
+    pub fn mount_logs(&self) -> String {
+        let Ok(dir) = std::fs::read_dir(self.root.join("mounts")) else { return String::new() };
+        dir.flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    }
+
+    /// `rmount umount PATH`, for a mount guard's drop: a failure is logged
+    /// and the mount detached with `umount -l` instead of panicking.
+    pub fn umount_or_detach(&self, path: &Path) {
+        let out = self.run(&["umount", path.to_str().unwrap()]);
+        if !out.status.success() {
+            eprintln!("unmounting {} failed: {}", path.display(), describe(&out));
+            let _ = Command::new("umount").arg("-l").arg(path).status();
+        }
+    }
+}
+
+/// A number in `rmount stats --json` output (the whole or a layer's).
+pub fn num(v: &Value, key: &str) -> u64 {
+    v[key].as_u64().unwrap_or_else(|| panic!("stats field {key} is not a number: {v:#}"))
+}
+
+/// The stats entry of one layer.
+pub fn layer_stats<'a>(stats: &'a Value, digest: &str) -> &'a Value {
+    stats["layers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("stats have no layers array: {stats:#}"))
+        .iter()
+        .find(|l| l["digest"] == digest)
+        .unwrap_or_else(|| panic!("no layer {digest} in stats: {stats:#}"))
 }
 
 /// The `sha256:…` of the last stdout line `Digest: sha256:…` (anything

@@ -25,14 +25,10 @@ fn bytes(len: usize, seed: u64) -> Vec<u8> {
         .collect()
 }
 
+/// The layer tests' header, but with gid 100 (not the uid).
 fn header(kind: tar::EntryType, mode: u32) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_uid(1000);
+    let mut h = crate::layer::tests::header(kind, mode);
     h.set_gid(100);
-    h.set_mtime(1_700_000_000);
-    h.set_size(0);
     h
 }
 
@@ -55,18 +51,7 @@ fn sample_tar(big: &[u8]) -> Vec<u8> {
     b.append_link(&mut h, "etc/link", "/etc/hostname").unwrap();
     let mut h = header(tar::EntryType::Link, 0o644);
     b.append_link(&mut h, "etc/hard", "./etc/hostname").unwrap();
-    let mut h = header(tar::EntryType::Regular, 0);
-    b.append_data(&mut h, "etc/.wh.gone", &[][..]).unwrap();
-    let mut h = header(tar::EntryType::Regular, 0);
-    b.append_data(&mut h, "opaque/.wh..wh..opq", &[][..]).unwrap();
-    let long = format!("deep/{}/file", "n".repeat(200));
-    let mut h = header(tar::EntryType::Regular, 0o600);
-    h.set_size(3);
-    b.append_data(&mut h, &long, &b"abc"[..]).unwrap();
-    let mut h = header(tar::EntryType::Char, 0o600);
-    h.set_device_major(1).unwrap();
-    h.set_device_minor(3).unwrap();
-    b.append_data(&mut h, "dev/null", &[][..]).unwrap();
+    crate::layer::tests::append_odd_entries(&mut b, header);
     let mut h = header(tar::EntryType::Fifo, 0o644);
     b.append_data(&mut h, "run/fifo", &[][..]).unwrap();
     // A later entry for the same path wins.

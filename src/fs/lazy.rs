@@ -296,7 +296,10 @@ pub fn prefetch_recorded(layers: Arc<Vec<LayerSource>>, list: PrefetchList) {
                 .collect();
             for entry in layer.index.entries.iter().filter(|e| wanted.contains(&*e.path)) {
                 if let EntryKind::File { offset, size } = entry.kind {
-                    let rank = list.files.iter().position(|f| *f.path == *entry.path);
+                    let rank = list
+                        .files
+                        .iter()
+                        .position(|f| f.layer == layer.digest && *f.path == *entry.path);
                     work.push((rank, i, offset, size));
                 }
             }

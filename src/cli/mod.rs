@@ -60,8 +60,7 @@ pub enum Command {
     Prune(ListArgs),
     /// Show disk usage of images, layers, cache and mounts.
     Df(ListArgs),
-    /// Mount an image at a directory. An image that is not in the store is
-    /// mounted lazily: its file data is fetched from the registry on first read.
+    /// Mount an image at a directory (lazily from its registry if it is not in the store).
     Mount(MountArgs),
     /// Show what a lazy mount has fetched (per layer, cache hits, latency).
     Stats(StatsArgs),

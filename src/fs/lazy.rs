@@ -234,7 +234,25 @@ pub fn keep_stats(
 ) {
     std::thread::spawn(move || {
         let mut last = String::new();
+        let mut last_activity = None;
         loop {
+            // Recount cached chunks (a stat per chunk) only when a counter moved.
+            let activity: u64 = layers
+                .iter()
+                .filter_map(|l| l.remote.as_ref())
+                .map(|r| {
+                    let s = r.stats();
+                    [&s.misses, &s.disk_hits, &s.fetches, &s.corrupt]
+                        .iter()
+                        .map(|c| c.load(Ordering::Relaxed))
+                        .sum::<u64>()
+                })
+                .sum();
+            if last_activity == Some(activity) {
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+            last_activity = Some(activity);
             let stats = snapshot(&reference, &mountpoint, &layers);
             if let Ok(json) = serde_json::to_string_pretty(&stats) {
                 if json != last {
@@ -286,22 +304,18 @@ const RECORDED_PREFETCH_THREADS: usize = 4;
 /// recorded finds its chunks ready.
 pub fn prefetch_recorded(layers: Arc<Vec<LayerSource>>, list: PrefetchList) {
     std::thread::spawn(move || {
+        // (layer, path) → position in the list, which is the fetch order.
+        let rank: std::collections::HashMap<(&Digest, &str), usize> =
+            list.files.iter().enumerate().map(|(i, f)| ((&f.layer, f.path.as_str()), i)).collect();
         let mut work = Vec::new();
         for (i, layer) in layers.iter().enumerate() {
-            let wanted: std::collections::HashSet<&str> = list
-                .files
-                .iter()
-                .filter(|f| f.layer == layer.digest)
-                .map(|f| f.path.as_str())
-                .collect();
-            for entry in layer.index.entries.iter().filter(|e| wanted.contains(&*e.path)) {
-                if let EntryKind::File { offset, size } = entry.kind {
-                    let rank = list
-                        .files
-                        .iter()
-                        .position(|f| f.layer == layer.digest && *f.path == *entry.path);
-                    work.push((rank, i, offset, size));
-                }
+            for entry in &layer.index.entries {
+                let (Some(&rank), EntryKind::File { offset, size }) =
+                    (rank.get(&(&layer.digest, &*entry.path)), &entry.kind)
+                else {
+                    continue;
+                };
+                work.push((rank, i, *offset, *size));
             }
         }
         work.sort_unstable();

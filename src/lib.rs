@@ -26,6 +26,7 @@
 pub mod cache;
 pub mod cli;
 pub mod commit;
+pub mod daemon;
 pub mod digest;
 pub mod durable;
 pub mod fs;

@@ -3,6 +3,7 @@
 //! as a table for people or as JSON with `--json`.
 
 mod commit;
+mod daemon;
 mod images;
 mod index;
 mod mount;
@@ -75,6 +76,84 @@ pub enum Command {
     Export(ExportArgs),
     /// Build and publish random-access indexes of an image's layers (for lazy mounts).
     Index(IndexArgs),
+    /// Run, stop or restart the daemon that serves every mount of the store.
+    Daemon(DaemonArgs),
+    /// List the daemon's mounts.
+    #[command(alias = "mounts")]
+    Ps(PsArgs),
+}
+
+/// `rmount daemon`.
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct DaemonArgs {
+    /// Stop or restart instead of starting.
+    #[command(subcommand)]
+    pub command: Option<DaemonCommand>,
+    /// Stay in the foreground (for systemd) instead of starting in the background.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Memory for decompressed file data, shared by all mounts, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 256)]
+    pub cache_mem: u64,
+    /// Bound of the on-disk chunk cache of lazy mounts (ROOT/cache/chunks).
+    #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size_arg)]
+    pub cache_size: u64,
+    /// Threads per mount that read and decompress.
+    #[arg(long, value_name = "N", default_value_t = 4)]
+    pub threads: usize,
+    /// Serve Prometheus metrics at ADDR: `unix:/path.sock` or `127.0.0.1:PORT`
+    /// (off by default; unauthenticated, so loopback only).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Internal: run the worker process (started by the keeper).
+    #[arg(long, hide = true)]
+    pub worker: bool,
+}
+
+impl DaemonArgs {
+    /// The settings of a daemon started on demand by another command.
+    pub fn default_for_autostart() -> Self {
+        Self {
+            command: None,
+            foreground: false,
+            cache_mem: 256,
+            cache_size: crate::fs::lazy::DEFAULT_CACHE_SIZE,
+            threads: 4,
+            metrics: None,
+            worker: false,
+        }
+    }
+}
+
+/// `rmount daemon` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum DaemonCommand {
+    /// Unmount everything (changes are kept) and stop the daemon.
+    Stop {
+        /// Leave the mounts in place, held by the keeper, for an upgrade: the
+        /// next `rmount daemon` takes them over. Programs using them wait
+        /// meanwhile; nothing fails.
+        #[arg(long)]
+        keep_mounts: bool,
+    },
+    /// Hand every mount to a new daemon process running the rmount binary
+    /// installed now (an upgrade), without unmounting anything.
+    Restart,
+    /// Show whether the daemon runs, its processes and socket.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `rmount ps`.
+#[derive(Debug, Args)]
+pub struct PsArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How to reach registries; shared by pull, push and login.
@@ -354,6 +433,10 @@ pub struct MountArgs {
     /// Serve the mount in this process until it is unmounted.
     #[arg(long)]
     pub foreground: bool,
+    /// Serve the mount from a process of its own instead of the daemon
+    /// (debugging; `--foreground` implies it).
+    #[arg(long)]
+    pub no_daemon: bool,
     /// Memory for decompressed spans, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub cache_mem: u64,
@@ -475,7 +558,7 @@ pub struct UmountArgs {
 const SUBCOMMANDS: &[&str] = &[
     "pull", "push", "login", "logout", "load", "save", "images", "inspect", "history", "tag",
     "rmi", "prune", "df", "mount", "stats", "umount", "unmount", "commit", "diff", "export",
-    "index", "help",
+    "index", "daemon", "ps", "mounts", "help",
 ];
 
 /// Rewrites `rmount [OPTS] REF DIR …` into `rmount [OPTS] mount REF DIR …`.
@@ -552,6 +635,8 @@ pub fn main() -> ExitCode {
         Command::Diff(a) => commit::diff(&root, &a),
         Command::Export(a) => commit::export(&root, &a),
         Command::Index(a) => index::index(&root, &a),
+        Command::Daemon(a) => daemon::daemon(&root, &a),
+        Command::Ps(a) => daemon::ps(&root, &a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

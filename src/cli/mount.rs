@@ -3,12 +3,14 @@
 
 use super::registry::{client, Bars};
 use super::{MountArgs, PrefetchArg, StatsArgs, UmountArgs};
-use crate::digest::Digest;
+use crate::daemon::client::DaemonClient;
+use crate::daemon::protocol::{MountSpec, PrefetchSpec, RegistrySettings, Request};
 use crate::fs::lazy::open_disk_cache;
-use crate::fs::record::{published_list_path, PrefetchList};
-use crate::fs::{serve, unmount_image, MountOptions, Prefetch, RemoteOptions, UpperDirs};
+use crate::fs::mount::mountpoint_to_unmount;
+use crate::fs::{serve, unmount_image, MountOptions};
 use crate::platform::Platform;
 use crate::reference::Reference;
+use crate::registry::{AuthFile, Hosts};
 use crate::store::{Store, StoreError};
 use crate::transfer::{self, PullOptions};
 use anyhow::{bail, Context, Result};
@@ -25,53 +27,98 @@ const NOTIFY_ENV: &str = "RMOUNT_NOTIFY_READY";
 
 pub fn mount(root: &Path, args: &MountArgs) -> Result<()> {
     let store = Store::open(root)?;
-    if args.foreground {
-        let upper = match (&args.upper, args.read_only) {
-            (_, true) => None,
-            (Some(upper), false) => Some(UpperDirs {
-                upper: upper.clone(),
-                work: args.work.clone().unwrap_or_else(|| sibling_work_dir(upper)),
-            }),
-            (None, false) => {
-                let image = store.resolve(&args.reference)?;
-                let mountpoint = args.mountpoint.canonicalize()?;
-                let (upper, work) = store.claim_default_upper(&mountpoint, &image.config_digest)?;
-                Some(UpperDirs { upper, work })
-            }
-        };
-        let image = store.resolve(&args.reference)?;
-        let remote = match image.layers.iter().all(|l| store.blob_path(&l.digest).exists()) {
-            true => None,
-            false => Some(remote_options(&store, &image.manifest_digest, args)?),
-        };
-        let record = args.record.as_ref().map(|p| absolute(p)).transpose()?;
-        let options =
-            MountOptions { cache_bytes: args.cache_mem << 20, threads: 4, upper, remote, record };
-        let notify = std::env::var_os(NOTIFY_ENV).is_some();
-        return serve(&store, &args.reference, &args.mountpoint, &options, || {
-            if notify {
-                let mut out = std::io::stdout();
-                let _ = out.write_all(b"ready\n").and_then(|()| out.flush());
-            } else {
-                eprintln!("{} mounted at {}", args.reference, args.mountpoint.display());
-            }
-        })
-        .with_context(|| format!("mounting {}", args.reference));
+    match store.resolve(&args.reference) {
+        Ok(_) => {}
+        Err(StoreError::NotFound(_)) if args.reference.parse::<Reference>().is_ok() => {
+            lazy_pull(&store, args)?
+        }
+        // Fail fast, with the store's own message.
+        Err(e) => return Err(e.into()),
     }
-    spawn_server(&store, root, args)
+    let spec = mount_spec(&store, args)?;
+    if args.foreground {
+        return serve_here(&store, args, &spec);
+    }
+    if args.no_daemon {
+        return spawn_server(&store, root, args);
+    }
+    let mut client = super::daemon::connect_or_start(root)?;
+    client
+        .call(Request::Mount(Box::new(spec)))
+        .with_context(|| format!("mounting {} at {}", args.reference, args.mountpoint.display()))?;
+    Ok(())
+}
+
+/// Serves the mount in this process until it is unmounted.
+fn serve_here(store: &Store, args: &MountArgs, spec: &MountSpec) -> Result<()> {
+    let disk = open_disk_cache(store.root(), args.cache_size);
+    let options = MountOptions {
+        cache_bytes: args.cache_mem << 20,
+        ..spec.options(store, 4, disk).map_err(anyhow::Error::msg)?
+    };
+    let notify = std::env::var_os(NOTIFY_ENV).is_some();
+    serve(store, &spec.reference, &spec.mountpoint, &options, || {
+        if notify {
+            let mut out = std::io::stdout();
+            let _ = out.write_all(b"ready\n").and_then(|()| out.flush());
+        } else {
+            eprintln!("{} mounted at {}", args.reference, args.mountpoint.display());
+        }
+    })
+    .with_context(|| format!("mounting {}", args.reference))
+}
+
+/// The mount as the daemon (or a serving process) needs it: every path
+/// absolute, the default upper claimed, registry settings resolved here.
+fn mount_spec(store: &Store, args: &MountArgs) -> Result<MountSpec> {
+    let mountpoint = args
+        .mountpoint
+        .canonicalize()
+        .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
+    let upper = match (&args.upper, args.read_only) {
+        (_, true) => None,
+        (Some(upper), false) => {
+            let work = args.work.clone().unwrap_or_else(|| sibling_work_dir(upper));
+            Some((absolute(upper)?, absolute(&work)?))
+        }
+        (None, false) => {
+            let image = store.resolve(&args.reference)?;
+            Some(store.claim_default_upper(&mountpoint, &image.config_digest)?)
+        }
+    };
+    let prefetch = match args.prefetch {
+        PrefetchArg::None => PrefetchSpec::None,
+        PrefetchArg::All => PrefetchSpec::All,
+        PrefetchArg::Recorded => PrefetchSpec::Recorded {
+            list: args.prefetch_list.as_deref().map(absolute).transpose()?,
+        },
+    };
+    let registry = &args.registry;
+    Ok(MountSpec {
+        reference: args.reference.clone(),
+        mountpoint,
+        upper,
+        fetch_timeout_secs: args.fetch_timeout,
+        prefetch,
+        prefetch_rate: args.prefetch_rate,
+        record: args.record.as_deref().map(absolute).transpose()?,
+        registry: RegistrySettings {
+            insecure: registry.insecure_registry.clone(),
+            hosts_dir: match &registry.hosts_dir {
+                Some(dir) => absolute(dir)?,
+                None => Hosts::default_dir(),
+            },
+            auth_file: match &registry.authfile {
+                Some(file) => absolute(file)?,
+                None => AuthFile::discover().path().to_path_buf(),
+            },
+        },
+    })
 }
 
 /// Starts `rmount mount --foreground` as a detached child and waits until it
 /// reports the mount ready, or fails with the child's error.
 fn spawn_server(store: &Store, root: &Path, args: &MountArgs) -> Result<()> {
-    match store.resolve(&args.reference) {
-        Ok(_) => {}
-        Err(StoreError::NotFound(_)) if args.reference.parse::<Reference>().is_ok() => {
-            lazy_pull(store, args)?
-        }
-        // Fail fast, with the store's own message.
-        Err(e) => return Err(e.into()),
-    }
     let mountpoint = args
         .mountpoint
         .canonicalize()
@@ -147,41 +194,6 @@ fn lazy_pull(store: &Store, args: &MountArgs) -> Result<()> {
     Ok(())
 }
 
-fn remote_options(store: &Store, manifest: &Digest, args: &MountArgs) -> Result<RemoteOptions> {
-    let prefetch = match args.prefetch {
-        PrefetchArg::None => Prefetch::None,
-        PrefetchArg::All => Prefetch::All,
-        PrefetchArg::Recorded => {
-            let path = match &args.prefetch_list {
-                Some(path) => path.clone(),
-                None => published_list_path(&store.index_dir(), manifest),
-            };
-            match std::fs::read(&path) {
-                Ok(bytes) => Prefetch::Recorded(
-                    PrefetchList::parse(&bytes)
-                        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?,
-                ),
-                Err(e)
-                    if args.prefetch_list.is_none() && e.kind() == std::io::ErrorKind::NotFound =>
-                {
-                    tracing::warn!(
-                        "the image's index artifact has no prefetch list; prefetching nothing"
-                    );
-                    Prefetch::None
-                }
-                Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-            }
-        }
-    };
-    Ok(RemoteOptions {
-        client: client(&args.registry)?,
-        disk: open_disk_cache(store.root(), args.cache_size),
-        fetch_timeout: Duration::from_secs(args.fetch_timeout),
-        prefetch,
-        prefetch_rate: args.prefetch_rate,
-    })
-}
-
 /// `FLAG PATH` with the path made absolute, for the serving process.
 fn path_flag(flag: &str, path: Option<&Path>) -> Result<Vec<std::ffi::OsString>> {
     Ok(match path {
@@ -254,8 +266,16 @@ pub fn stats(root: &Path, args: &StatsArgs) -> Result<()> {
 
 pub fn umount(root: &Path, args: &UmountArgs) -> Result<()> {
     let store = Store::open(root)?;
-    unmount_image(&store, &args.mountpoint, args.force, args.discard)
-        .with_context(|| format!("unmounting {}", args.mountpoint.display()))
+    let context = || format!("unmounting {}", args.mountpoint.display());
+    let mountpoint = mountpoint_to_unmount(&args.mountpoint).with_context(context)?;
+    let Some(socket) = store.mount_at(&mountpoint)?.and_then(|record| record.daemon) else {
+        return unmount_image(&store, &mountpoint, args.force, args.discard).with_context(context);
+    };
+    // A daemon that is restarting answers within seconds.
+    let (mut client, _) = DaemonClient::wait_ready(&socket, Duration::from_secs(15))?;
+    let request = Request::Unmount { mountpoint, force: args.force, discard: args.discard };
+    client.call(request).with_context(context)?;
+    Ok(())
 }
 
 /// The default work directory for `--upper DIR`: `DIR.work` beside it, on

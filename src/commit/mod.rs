@@ -30,8 +30,8 @@ pub use change::{Change, ChangeError};
 pub use layer::{Compression, WrittenLayer};
 pub use plan::{Kind, LayerEntry, Mode, Plan};
 
-use crate::cache::SpanCache;
 use crate::digest::Digest;
+use crate::fs::LayerPool;
 use crate::fs::{ImageFs, MountError, OpenedImage, RemoteOptions};
 use crate::reference::Reference;
 use crate::store::{Image, RefEntry, Store, StoreError};
@@ -39,7 +39,6 @@ use crate::sys::upper::Dir;
 use pause::Pause;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 /// Errors of commit, diff and export.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +68,9 @@ pub enum CommitError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The daemon serving the mount would not pause it.
+    #[error("pausing the mount through the daemon: {0}")]
+    DaemonPause(#[from] crate::daemon::DaemonError),
     /// Writing the layer or the output failed.
     #[error("writing the layer: {0}")]
     Write(std::io::Error),
@@ -91,8 +93,28 @@ pub struct Source {
     pub upper: Option<Dir>,
     /// Where the upper dir is.
     pub upper_path: Option<PathBuf>,
-    /// Keeps the serving process stopped; dropped last.
-    _pause: Option<Pause>,
+    /// Keeps the mount still; dropped last.
+    _pause: Option<Hold>,
+}
+
+/// What keeps a live mount still while its upper is read.
+enum Hold {
+    /// Its own serving process, stopped.
+    Process(#[allow(dead_code)] Pause),
+    /// A daemon's mount, frozen while this connection stays open (the
+    /// daemon resumes it however we exit).
+    Daemon(#[allow(dead_code)] crate::daemon::client::DaemonClient),
+}
+
+fn pause_through_daemon(
+    socket: &Path,
+    mountpoint: &Path,
+) -> Result<crate::daemon::client::DaemonClient, crate::daemon::DaemonError> {
+    use crate::daemon::protocol::Request;
+    let limit = std::time::Duration::from_secs(15);
+    let (mut client, _) = crate::daemon::client::DaemonClient::wait_ready(socket, limit)?;
+    client.call(Request::Pause { mountpoint: mountpoint.to_path_buf() })?;
+    Ok(client)
 }
 
 /// Bytes of decompressed spans the commit process keeps: it reads each
@@ -102,11 +124,11 @@ const CACHE_BYTES: u64 = 64 << 20;
 impl Source {
     /// The image `reference`, without changes.
     pub fn image(store: &Store, reference: &str) -> Result<Source, CommitError> {
-        let cache = Arc::new(SpanCache::new(CACHE_BYTES));
+        let pool = LayerPool::new(CACHE_BYTES);
         // A lazily pulled image reads its missing layers from the registry.
         let remote = RemoteOptions::defaults(store.root()).ok();
         let OpenedImage { image, fs: lower, .. } =
-            crate::fs::open_image(store, reference, cache, remote.as_ref())?;
+            crate::fs::open_image(store, reference, &pool, remote.as_ref())?;
         Ok(Source { image, lower, upper: None, upper_path: None, _pause: None })
     }
 
@@ -125,8 +147,13 @@ impl Source {
                 .map_err(|source| CommitError::Upper { path: upper.clone(), source })?
                 .join(&upper),
         };
-        let pause = Pause::stop(record.pid)
-            .map_err(|source| CommitError::Pause { pid: record.pid, source })?;
+        let pause = match &record.daemon {
+            Some(socket) => Hold::Daemon(pause_through_daemon(socket, mountpoint)?),
+            None => Hold::Process(
+                Pause::stop(record.pid)
+                    .map_err(|source| CommitError::Pause { pid: record.pid, source })?,
+            ),
+        };
         let dir = Dir::open(&upper)
             .map_err(|source| CommitError::Upper { path: upper.clone(), source })?;
         source.upper = Some(dir);

@@ -1,4 +1,116 @@
-//! The rmount daemon: one process holding every mount, the layer indexes
-//! and the chunk cache, controlled over a Unix socket.
+//! The rmount daemon: one process holding every mount of a store, with one
+//! shared set of layer indexes and one chunk cache, controlled over a Unix
+//! socket, and restartable (even upgradable) without breaking its mounts.
+//!
+//! Two processes make a daemon:
+//!
+//! * the **keeper** ([`keeper`]) is tiny and long-lived. It owns the control
+//!   socket's listening fd and a duplicate of every mount's `/dev/fuse` fd,
+//!   which keeps each FUSE connection alive whatever happens to the worker.
+//!   It starts the worker, starts it again if it dies, and re-executes
+//!   itself (same PID, new binary) for an upgrade;
+//! * the **worker** ([`table`], [`server`]) does the work: it answers the
+//!   control socket ([`protocol`]), serves every mount, and on start adopts
+//!   the connections the keeper hands it, asking the kernel to resend the
+//!   requests its predecessor never answered.
+//!
+//! Mounts are recorded durably under `ROOT/daemon/mounts/`, so a daemon
+//! started after a reboot or a crash of both processes mounts them again.
+//! docs/daemon.md says what survives what.
 
+pub mod client;
+pub mod keeper;
 pub mod metrics;
+pub mod protocol;
+pub mod server;
+pub mod table;
+
+use crate::digest::Digest;
+use std::path::{Path, PathBuf};
+
+/// Errors of the daemon and of talking to it.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// No daemon answers at the socket.
+    #[error("no rmount daemon answers at {0} (start one with `rmount daemon`)")]
+    NotRunning(PathBuf),
+    /// The daemon said no.
+    #[error("{message}")]
+    Refused {
+        /// Which kind of failure.
+        kind: protocol::ErrorKind,
+        /// Its explanation.
+        message: String,
+    },
+    /// The daemon answered something this client does not understand.
+    #[error("unexpected answer from the daemon: {0}")]
+    Protocol(String),
+    /// Another daemon already serves this store.
+    #[error("an rmount daemon already serves this store (socket {0})")]
+    AlreadyRunning(PathBuf),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+impl DaemonError {
+    fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
+        let what = what.into();
+        move |source| DaemonError::Io { what, source }
+    }
+}
+
+/// Where a store's daemon keeps its socket and state.
+#[derive(Debug, Clone)]
+pub struct DaemonPaths {
+    /// The control socket.
+    pub socket: PathBuf,
+    /// `ROOT/daemon`: mount records, the keeper's pid, the log.
+    pub state: PathBuf,
+}
+
+impl DaemonPaths {
+    /// The paths of the daemon of the store at `root`. The default store's
+    /// socket is `rmount.sock` in the runtime directory (`/run/rmount` as
+    /// root, `$XDG_RUNTIME_DIR/rmount` otherwise); another store's has the
+    /// store's hash in its name, so each store has its own daemon.
+    pub fn for_root(root: &Path, default_root: &Path) -> Self {
+        let runtime = match rustix::process::geteuid().is_root() {
+            true => Some(PathBuf::from("/run/rmount")),
+            false => std::env::var_os("XDG_RUNTIME_DIR").map(|d| PathBuf::from(d).join("rmount")),
+        };
+        let state = root.join("daemon");
+        let runtime = runtime.unwrap_or_else(|| state.clone());
+        let name = match root == default_root {
+            true => "rmount.sock".to_string(),
+            false => {
+                let hash = Digest::of(root.as_os_str().as_encoded_bytes());
+                format!("rmount-{}.sock", &hash.hex()[..12])
+            }
+        };
+        Self { socket: runtime.join(name), state }
+    }
+
+    /// Durable mount records.
+    pub fn mounts_dir(&self) -> PathBuf {
+        self.state.join("mounts")
+    }
+
+    /// The keeper's pid.
+    pub fn keeper_pid(&self) -> PathBuf {
+        self.state.join("keeper.pid")
+    }
+
+    /// The daemon's log when started in the background.
+    pub fn log(&self) -> PathBuf {
+        self.state.join("daemon.log")
+    }
+}

@@ -105,6 +105,8 @@ pub struct LayerSource {
     pub remote: Option<Arc<RemoteBlob>>,
     /// The layer's reader (shares the mount's span cache).
     pub reader: LayerReader,
+    /// Tells the [`super::mount::LayerPool`] this layer is in use.
+    pub in_use: Arc<super::mount::PooledLayer>,
 }
 
 impl LayerSource {
@@ -225,17 +227,18 @@ fn snapshot(reference: &str, mountpoint: &Path, layers: &[LayerSource]) -> Mount
 }
 
 /// Writes the statistics of `layers` to `path` now and then about once a
-/// second whenever they changed, on a thread that lives as long as the process.
+/// second whenever they changed, on a thread that lives as long as the
+/// mount (as long as someone holds `layers`).
 pub fn keep_stats(
     path: PathBuf,
     reference: String,
     mountpoint: PathBuf,
-    layers: Arc<Vec<LayerSource>>,
+    layers: std::sync::Weak<Vec<LayerSource>>,
 ) {
     std::thread::spawn(move || {
         let mut last = String::new();
         let mut last_activity = None;
-        loop {
+        while let Some(layers) = layers.upgrade() {
             // Recount cached chunks (a stat per chunk) only when a counter moved.
             let activity: u64 = layers
                 .iter()

@@ -16,6 +16,9 @@ pub mod writable;
 pub use error::FsError;
 pub use fuse::ImageFs;
 pub use lazy::{LayerSource, Prefetch, RemoteOptions};
-pub use mount::{open_image, serve, unmount_image, MountError, MountOptions, OpenedImage};
+pub use mount::{
+    open_image, serve, unmount_image, Connection, LayerPool, Mount, MountError, MountOptions,
+    OpenedImage, Server,
+};
 pub use overlay::{Overlay, UpperDirs};
 pub use union::{EntryRef, Node, UnionTree, ROOT_INO};

@@ -104,6 +104,7 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError +
 }
 
 /// The store rooted at a state directory.
+#[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
 }

@@ -17,7 +17,8 @@ pub struct MountRecord {
     pub reference: String,
     /// Image id (config digest).
     pub image_id: Digest,
-    /// PID of the process serving the mount.
+    /// PID of the process the mount lives with: its own serving process,
+    /// or the daemon's keeper.
     pub pid: u32,
     /// Mounted read-only.
     pub read_only: bool,
@@ -27,6 +28,10 @@ pub struct MountRecord {
     /// Its work directory.
     #[serde(default)]
     pub work: Option<PathBuf>,
+    /// The control socket of the daemon serving it; `None` when the mount
+    /// has a process of its own (`pid`).
+    #[serde(default)]
+    pub daemon: Option<PathBuf>,
 }
 
 impl Store {
@@ -35,10 +40,11 @@ impl Store {
     }
 
     fn record_path(&self, mountpoint: &Path) -> PathBuf {
-        self.mounts_dir().join(format!("{}.json", Self::key(mountpoint)))
+        self.mounts_dir().join(format!("{}.json", Self::mount_key(mountpoint)))
     }
 
-    fn key(mountpoint: &Path) -> String {
+    /// A short stable name for `mountpoint` (file names of its records).
+    pub fn mount_key(mountpoint: &Path) -> String {
         let key = Digest::of(mountpoint.as_os_str().as_encoded_bytes());
         key.hex()[..16].to_string()
     }
@@ -46,7 +52,7 @@ impl Store {
     /// The upper and work directories a writable mount at `mountpoint`
     /// gets unless told otherwise: `ROOT/containers/<key>/{upper,work}`.
     pub fn default_upper(&self, mountpoint: &Path) -> (PathBuf, PathBuf) {
-        let dir = self.root().join("containers").join(Self::key(mountpoint));
+        let dir = self.root().join("containers").join(Self::mount_key(mountpoint));
         (dir.join("upper"), dir.join("work"))
     }
 

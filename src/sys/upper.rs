@@ -108,6 +108,27 @@ impl SetTime {
     }
 }
 
+/// This process's umask, read once. It is never changed: a server that
+/// holds many mounts also writes its own files, which need it, so objects
+/// created for callers (whose modes arrive already masked by *their*
+/// umask) get their exact mode with a `chmod` when ours would mask it.
+fn process_umask() -> u32 {
+    static UMASK: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    *UMASK.get_or_init(|| {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+            .unwrap_or(0o022)
+    })
+}
+
+/// Would our umask take bits off `mode`?
+fn masked_by_umask(mode: u32) -> bool {
+    mode & 0o7777 & process_umask() != 0
+}
+
 /// Whether `stat` describes an overlayfs whiteout: a character device with
 /// device number 0/0.
 pub fn is_whiteout(stat: &Stat) -> bool {
@@ -197,24 +218,41 @@ impl Dir {
 
     /// Opens or creates the file `name`. `O_NOFOLLOW`, `O_CLOEXEC` and
     /// `O_NOCTTY` are always added, so a symlink fails with `ELOOP`. `mode`
-    /// is used with `O_CREAT`. Opening a fifo for I/O can block: callers
-    /// must check the type first.
+    /// is used with `O_CREAT`, exactly (see [`masked_by_umask`]). Opening a
+    /// fifo for I/O can block: callers must check the type first.
     pub fn open_file(&self, name: &OsStr, flags: OFlags, mode: u32) -> io::Result<File> {
         let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
         let fd = rustix::fs::openat(&self.fd, component(name)?, flags, Mode::from_raw_mode(mode))?;
+        if flags.contains(OFlags::CREATE) && masked_by_umask(mode) {
+            // Only a file we just created may have its mode fixed: an
+            // existing one (no O_EXCL) keeps its own.
+            let stat = rustix::fs::fstat(&fd)?;
+            if stat.st_mode & 0o7777 == mode & 0o7777 & !process_umask() {
+                rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode & 0o7777))?;
+            }
+        }
         Ok(File::from(fd))
     }
 
-    /// Creates the directory `name`.
+    /// Creates the directory `name` with exactly `mode`.
     pub fn mkdir(&self, name: &OsStr, mode: u32) -> io::Result<()> {
-        Ok(rustix::fs::mkdirat(&self.fd, component(name)?, Mode::from_raw_mode(mode))?)
+        rustix::fs::mkdirat(&self.fd, component(name)?, Mode::from_raw_mode(mode))?;
+        match masked_by_umask(mode) {
+            true => self.chmod(name, mode),
+            false => Ok(()),
+        }
     }
 
     /// Creates a special file `name` of type `kind` (fifo, socket, character
-    /// or block device; regular files work too). `rdev` is used for devices.
+    /// or block device; regular files work too) with exactly `mode`. `rdev`
+    /// is used for devices.
     pub fn mknod(&self, name: &OsStr, kind: FileType, mode: u32, rdev: u64) -> io::Result<()> {
-        let mode = Mode::from_raw_mode(mode);
-        Ok(rustix::fs::mknodat(&self.fd, component(name)?, kind, mode, rdev)?)
+        let raw = Mode::from_raw_mode(mode);
+        rustix::fs::mknodat(&self.fd, component(name)?, kind, raw, rdev)?;
+        match masked_by_umask(mode) {
+            true => self.chmod(name, mode),
+            false => Ok(()),
+        }
     }
 
     /// Creates an overlayfs whiteout `name`: a character device 0/0, mode 0.

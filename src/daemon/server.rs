@@ -1,0 +1,203 @@
+//! The worker's main loop: adopt the mounts, then answer the control
+//! socket, one thread per connection.
+
+use super::keeper::{Handoff, KeeperLink, EXIT_PARK, EXIT_RESTART};
+use super::protocol::{
+    decode_request, encode, ErrorKind, Outcome, Reply, Request, ResponseEnvelope, MAX_LINE,
+    PROTOCOL_VERSION,
+};
+use super::table::{Daemon, DaemonOptions};
+use super::{DaemonError, DaemonPaths};
+use crate::store::Store;
+use crate::sys::fuse_takeover::inherited_fd;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Runs the worker (started by the keeper with a [`Handoff`]); returns only
+/// on a setup error.
+pub fn run_worker(
+    store: Store,
+    paths: DaemonPaths,
+    options: &DaemonOptions,
+) -> Result<i32, DaemonError> {
+    let handoff = Handoff::from_env()?
+        .ok_or_else(|| DaemonError::Protocol("the worker is started by `rmount daemon`".into()))?;
+    let (Some(control), Some(link)) = (handoff.control, handoff.link) else {
+        return Err(DaemonError::Protocol("the handoff lacks the control socket or link".into()));
+    };
+    let listener =
+        UnixListener::from(inherited_fd(control).map_err(DaemonError::io("the control socket"))?);
+    let link = KeeperLink::inherited(link)?;
+    let mut held = Vec::new();
+    for mount in handoff.mounts {
+        match inherited_fd(mount.fd) {
+            Ok(fd) => held.push((mount, fd)),
+            Err(e) => {
+                tracing::error!(mountpoint = %mount.mountpoint.display(), error = %e, "a held mount's fd is unusable")
+            }
+        }
+    }
+    crate::sys::malloc::return_large_buffers_to_the_os();
+    let daemon = Arc::new(Daemon::new(store, paths, link, handoff.keeper_pid, options));
+    let started = super::table::unix_now();
+    daemon.reattach(held);
+    tracing::info!(mounts = daemon.list().len(), "daemon worker ready");
+    on_signals(daemon.clone());
+    let reaper = daemon.clone();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(500));
+        reaper.reap();
+    });
+    let owner = rustix::process::geteuid();
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let daemon = daemon.clone();
+        let keeper_pid = handoff.keeper_pid;
+        std::thread::spawn(move || {
+            let context = Context { daemon, keeper_pid, started };
+            if let Err(e) = context.serve(stream, owner) {
+                tracing::debug!("control connection: {e}");
+            }
+        });
+    }
+    Ok(1)
+}
+
+struct Context {
+    daemon: Arc<Daemon>,
+    keeper_pid: u32,
+    started: u64,
+}
+
+/// What to do once a reply is sent.
+enum After {
+    Continue,
+    /// Hold the connection open (a pause lease) until the client closes it.
+    HoldUntilClosed(Box<dyn FnOnce() + Send>),
+    Exit(i32),
+}
+
+impl Context {
+    fn serve(&self, stream: UnixStream, owner: rustix::process::Uid) -> std::io::Result<()> {
+        let mut writer = stream.try_clone()?;
+        let peer = rustix::net::sockopt::socket_peercred(&stream)?;
+        if !(peer.uid.is_root() || peer.uid == owner) {
+            let outcome = Outcome::Error {
+                kind: ErrorKind::Forbidden,
+                message: format!("uid {} may not use this daemon", peer.uid.as_raw()),
+            };
+            return writer
+                .write_all(&encode(&ResponseEnvelope { version: PROTOCOL_VERSION, outcome }));
+        }
+        let mut reader = BufReader::new(stream);
+        loop {
+            let mut line = Vec::new();
+            let read = (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line)?;
+            if read == 0 {
+                return Ok(());
+            }
+            let (outcome, after) = match decode_request(&line) {
+                Ok(request) => self.handle(request),
+                Err(outcome) => (*outcome, After::Continue),
+            };
+            writer.write_all(&encode(&ResponseEnvelope { version: PROTOCOL_VERSION, outcome }))?;
+            match after {
+                After::Continue => {}
+                After::HoldUntilClosed(release) => {
+                    let mut rest = Vec::new();
+                    let _ = reader.read_to_end(&mut rest);
+                    release();
+                    return Ok(());
+                }
+                After::Exit(code) => std::process::exit(code),
+            }
+            if line.last() != Some(&b'\n') {
+                // Longer than MAX_LINE: the rest of it is not a request.
+                return Ok(());
+            }
+        }
+    }
+
+    fn handle(&self, request: Request) -> (Outcome, After) {
+        let ok = |result| Outcome::Ok { result };
+        let done = |result: Result<Reply, DaemonError>| match result {
+            Ok(result) => Outcome::Ok { result },
+            Err(DaemonError::Refused { kind, message }) => Outcome::Error { kind, message },
+            Err(e) => Outcome::Error { kind: ErrorKind::Failed, message: e.to_string() },
+        };
+        match request {
+            Request::Ping => (
+                ok(Reply::Pong {
+                    pid: std::process::id(),
+                    keeper_pid: self.keeper_pid,
+                    rmount_version: env!("CARGO_PKG_VERSION").into(),
+                    started: self.started,
+                }),
+                After::Continue,
+            ),
+            Request::Mount(spec) => (
+                done(self.daemon.mount(*spec).map(|mount| Reply::Mounted { mount })),
+                After::Continue,
+            ),
+            Request::Unmount { mountpoint, force, discard } => (
+                done(self.daemon.unmount(&mountpoint, force, discard).map(|()| Reply::Unmounted)),
+                After::Continue,
+            ),
+            Request::List => (ok(Reply::Mounts { mounts: self.daemon.list() }), After::Continue),
+            Request::Pause { mountpoint } => match self.daemon.overlay(&mountpoint) {
+                Some(overlay) => {
+                    let (paused, release) = std::sync::mpsc::channel::<()>();
+                    let (frozen, is_frozen) = std::sync::mpsc::channel::<()>();
+                    std::thread::spawn(move || {
+                        let _frozen = overlay.freeze();
+                        let _ = frozen.send(());
+                        let _ = release.recv();
+                    });
+                    let _ = is_frozen.recv();
+                    (ok(Reply::Paused), After::HoldUntilClosed(Box::new(move || drop(paused))))
+                }
+                None => (
+                    Outcome::Error {
+                        kind: ErrorKind::NotFound,
+                        message: format!(
+                            "{} is not a writable mount of this daemon",
+                            mountpoint.display()
+                        ),
+                    },
+                    After::Continue,
+                ),
+            },
+            Request::Stop { keep_mounts: false } => {
+                self.daemon.shutdown(true);
+                (ok(Reply::Stopping), After::Exit(0))
+            }
+            Request::Stop { keep_mounts: true } => (ok(Reply::Stopping), After::Exit(EXIT_PARK)),
+            Request::Restart => (ok(Reply::Stopping), After::Exit(EXIT_RESTART)),
+        }
+    }
+}
+
+/// SIGTERM/SIGINT: unmount everything, keeping the records (the next start
+/// mounts them again). SIGUSR2 (the keeper's SIGHUP): restart.
+fn on_signals(daemon: Arc<Daemon>) {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
+    match signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGUSR2]) {
+        Ok(mut signals) => {
+            std::thread::spawn(move || {
+                if let Some(signal) = signals.forever().next() {
+                    if signal == SIGUSR2 {
+                        std::process::exit(EXIT_RESTART);
+                    }
+                    tracing::info!(
+                        "stopping: unmounting everything (the mounts come back on the next start)"
+                    );
+                    daemon.shutdown(false);
+                    std::process::exit(0);
+                }
+            });
+        }
+        Err(e) => tracing::warn!("cannot handle signals: {e}"),
+    }
+}

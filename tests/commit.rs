@@ -372,7 +372,7 @@ fn manifest_of(store: &Path, reference: &str) -> String {
 }
 
 fn commit_with_epoch(s: &Scratch, mnt: &Path, reference: &str) -> String {
-    let out = Command::new(rmount_bin())
+    let out = rmount_command()
         .arg("--root")
         .arg(&s.store)
         .args(["commit", mnt.to_str().unwrap(), reference, "-m", "same", "-a", "me"])
@@ -648,7 +648,7 @@ fn commit_killed_midway_leaves_the_store_consistent() {
         serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
     };
     let server = record["pid"].as_i64().unwrap();
-    let mut child = Command::new(rmount_bin())
+    let mut child = rmount_command()
         .arg("--root")
         .arg(&s.store)
         .args(["commit", mnt.path.to_str().unwrap(), "localhost/crash:one"])

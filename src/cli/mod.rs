@@ -27,6 +27,11 @@ pub struct Cli {
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub verbose: u8,
 
+    /// Log format on stderr: `text` or `json` (one object per line).
+    #[arg(long, global = true, env = "RMOUNT_LOG_FORMAT", value_name = "FORMAT")]
+    #[arg(default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -435,7 +440,7 @@ pub struct MountArgs {
     pub foreground: bool,
     /// Serve the mount from a process of its own instead of the daemon
     /// (debugging; `--foreground` implies it).
-    #[arg(long)]
+    #[arg(long, env = "RMOUNT_NO_DAEMON")]
     pub no_daemon: bool,
     /// Memory for decompressed spans, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
@@ -593,7 +598,7 @@ fn default_root() -> PathBuf {
     data.join("rmount")
 }
 
-fn init_logging(verbose: u8) {
+fn init_logging(verbose: u8, format: &str) {
     let default = match verbose {
         0 => "warn",
         1 => "info",
@@ -602,17 +607,18 @@ fn init_logging(verbose: u8) {
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        fmt.json().with_ansi(false).init();
+    } else {
+        fmt.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init();
+    }
 }
 
 /// Entry point of the `rmount` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse_from(expand_short_form(std::env::args().collect()));
-    init_logging(cli.verbose);
+    init_logging(cli.verbose, &cli.log_format);
     let root = cli.root.clone().unwrap_or_else(default_root);
     let result = match cli.command {
         Command::Pull(a) => registry::pull(&root, &a),

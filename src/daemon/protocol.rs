@@ -246,10 +246,12 @@ pub enum ErrorKind {
 
 /// What a successful request gives back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "kebab-case")]
+#[serde(tag = "type", rename_all = "kebab-case", rename_all_fields = "camelCase")]
 pub enum Reply {
     /// The daemon is there.
     Pong {
+        /// The control socket.
+        socket: PathBuf,
         /// The serving process.
         pid: u32,
         /// The keeper, which holds the mounts across restarts.

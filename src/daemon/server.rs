@@ -130,6 +130,7 @@ impl Context {
         match request {
             Request::Ping => (
                 ok(Reply::Pong {
+                    socket: self.daemon.socket().to_path_buf(),
                     pid: std::process::id(),
                     keeper_pid: self.keeper_pid,
                     rmount_version: env!("CARGO_PKG_VERSION").into(),

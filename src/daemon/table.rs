@@ -88,9 +88,9 @@ impl Daemon {
         }
     }
 
-    /// The store served.
-    pub fn store(&self) -> &Store {
-        &self.store
+    /// The control socket.
+    pub fn socket(&self) -> &Path {
+        &self.paths.socket
     }
 
     fn lock(&self) -> MutexGuard<'_, Mounts> {

@@ -52,9 +52,18 @@ pub fn rmount_bin() -> &'static str {
     env!("CARGO_BIN_EXE_rmount")
 }
 
-/// Runs `rmount --root ROOT ARGS…` and returns its output.
+/// `rmount` serving each mount from a process of its own (`--no-daemon`):
+/// the suites written before the daemon test that path and kill or pause
+/// a mount's own server; tests/daemon.rs tests the daemon.
+pub fn rmount_command() -> Command {
+    let mut command = Command::new(rmount_bin());
+    command.env("RMOUNT_NO_DAEMON", "1");
+    command
+}
+
+/// Runs `rmount --root ROOT ARGS…` (see [`rmount_command`]) and returns its output.
 pub fn rmount(root: &Path, args: &[&str]) -> Output {
-    Command::new(rmount_bin()).arg("--root").arg(root).args(args).output().expect("run rmount")
+    rmount_command().arg("--root").arg(root).args(args).output().expect("run rmount")
 }
 
 /// Runs rmount and panics with its output unless it succeeds.

@@ -5,7 +5,9 @@
 //! client; multi-platform OCI layouts; and an rmount runner that never sees
 //! the host's credentials.
 
-use super::{compress, describe, layer_tar, rmount_bin, run_ok, sha256_hex, Compress, Item, Meta};
+use super::{
+    compress, describe, layer_tar, rmount_command, run_ok, sha256_hex, Compress, Item, Meta,
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
@@ -1248,7 +1250,7 @@ impl Client {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(rmount_bin());
+        let mut cmd = rmount_command();
         cmd.arg("--root")
             .arg(&self.root)
             .args(args)

@@ -17,6 +17,7 @@
 //! | [`fs`] | the union tree of a layer stack, the writable overlay over an upper dir, the FUSE adapters, mount/umount |
 //! | [`transfer`] | `pull` (registry → store, indexing as it streams) and `push` (store → registry) |
 //! | [`commit`] | a mount's upper layer as a new layer and image (`commit`), its changes (`diff`), the merged tree as one tar (`export`) |
+//! | [`daemon`] | one process serving every mount: keeper and worker, control socket, restarts that break no mount |
 //! | [`cli`] | argument parsing and human/JSON output only |
 //!
 //! See `docs/architecture.md` for the on-disk formats and the reasons behind them.

@@ -35,8 +35,14 @@ echo "== rmount umount $MNT, then mount again: the changes are kept"
 "$RMOUNT" localhost/debian:demo "$MNT"
 chroot "$MNT" /bin/sh -c 'cat /etc/motd; ls -d /home/demo /usr/old-games; ls /usr/share/man 2>&1 | head -1'
 echo "== the upper dir, in kernel overlayfs format (whiteouts are char devices 0/0)"
-UPPER=$(python3 -c 'import json,glob; print(json.load(open(glob.glob("/var/lib/rmount/mounts/*.json")[0]))["upper"])' 2>/dev/null || true)
+UPPER=$("$RMOUNT" ps --json | python3 -c 'import json,sys; print(json.load(sys.stdin)[0]["upper"])' 2>/dev/null || true)
 [[ -n $UPPER ]] && ls -la "$UPPER/usr" "$UPPER/usr/share" | head -20
+echo "== one daemon serves every mount: rmount ps, then restart it under a running reader"
+"$RMOUNT" ps
+chroot "$MNT" /bin/sh -c 'i=0 f=0; while [ $i -lt 2000 ]; do cat /etc/motd >/dev/null || f=$((f+1)); i=$((i+1)); done; echo "2000 reads across the restart, $f failed"' &
+READER=$!
+"$RMOUNT" daemon restart
+wait $READER
 echo "== rmount diff $MNT, then commit the changes as a new image"
 "$RMOUNT" diff "$MNT" | head -8
 "$RMOUNT" commit "$MNT" localhost/debian:changed -m "rmount demo" -c 'CMD ["cat", "/etc/motd"]'
@@ -59,7 +65,15 @@ http: {addr: 127.0.0.1:$PORT}
 YML
 docker-registry serve "$REG_DIR/config.yml" > "$REG_DIR/log" 2>&1 &
 REG_PID=$!
-trap 'kill $REG_PID 2>/dev/null; rm -rf "$REG_DIR"; rmdir "$MNT"' EXIT
+stop_demo_daemons() {
+    for store in "$REG_DIR/store" "$REG_DIR/lazy"; do
+        [[ -d $store ]] && "$RMOUNT" --root "$store" daemon stop 2>/dev/null
+    done
+    kill $REG_PID 2>/dev/null
+    rm -rf "$REG_DIR"
+    rmdir "$MNT"
+}
+trap stop_demo_daemons EXIT
 until curl -s -o /dev/null "http://127.0.0.1:$PORT/v2/"; do sleep 0.1; done
 echo "== rmount push localhost/debian:changed 127.0.0.1:$PORT/demo/debian:changed"
 "$RMOUNT" push localhost/debian:changed "127.0.0.1:$PORT/demo/debian:changed"
@@ -74,7 +88,7 @@ echo "== publish the layers' random-access indexes next to the image (an OCI art
 echo "== a lazy mount from another empty store: ready at once, data fetched on first read"
 time "$RMOUNT" --root "$REG_DIR/lazy" "127.0.0.1:$PORT/demo/debian:changed" "$MNT" --read-only
 chroot "$MNT" /bin/cat /etc/motd
-sleep 1.2   # the serving process refreshes its statistics every second
+sleep 1.2   # the daemon refreshes its statistics every second
 "$RMOUNT" --root "$REG_DIR/lazy" stats "$MNT"
 "$RMOUNT" --root "$REG_DIR/lazy" umount "$MNT"
 echo "demo done"

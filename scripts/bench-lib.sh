@@ -15,7 +15,11 @@ bench_init() {
 }
 
 bench_cleanup() {
-  local m
+  local m state
+  # Each store under $WORK has its own daemon (started by its first mount).
+  while read -r state; do
+    "$RMOUNT" --root "$(dirname "$state")" daemon stop 2>/dev/null || true
+  done < <(find "$WORK" -maxdepth 4 -type d -name daemon -path '*/daemon' 2>/dev/null)
   for m in "${MOUNTS[@]}"; do
     mountpoint -q "$m" || continue
     umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true

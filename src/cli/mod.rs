@@ -571,7 +571,7 @@ fn expand_short_form(mut args: Vec<String>) -> Vec<String> {
     let mut i = 1;
     while i < args.len() {
         let a = &args[i];
-        if a == "--root" {
+        if a == "--root" || a == "--log-format" {
             i += 2;
             continue;
         }

@@ -2,6 +2,12 @@
 //! returns `Result<_, FsError>` and replies with its value or its errno.
 //! The tree is immutable, so attributes and entries get long TTLs and file
 //! pages stay in the kernel's cache across opens (`FOPEN_KEEP_CACHE`).
+//!
+//! Nothing here belongs to one process: inode numbers come from the tree,
+//! which every process builds the same from the same layers, and there are
+//! no handles (`open`/`opendir` answer `ENOSYS`, so the kernel sends `fh`
+//! 0). A process taking over the connection from a previous one therefore
+//! serves the kernel's old numbers as they are.
 
 use super::error::FsError;
 use super::record::Recorder;
@@ -60,8 +66,12 @@ impl ImageFs {
         &self.tree
     }
 
+    /// The node of `ino`. The tree is complete and numbered the same way
+    /// by every process (see [`UnionTree`]), so a number it lacks was never
+    /// one of this image's, not even in a process that served the
+    /// connection before this one: `ESTALE`.
     fn node(&self, ino: u64) -> Result<&Node, FsError> {
-        self.tree.node(ino).ok_or(FsError::NotFound)
+        self.tree.node(ino).ok_or_else(stale)
     }
 
     /// `stat` of inode `ino`.
@@ -207,6 +217,20 @@ impl ImageFs {
             .map(|(i, (child, name))| (i as u64 + 1, child, name))
             .collect())
     }
+}
+
+/// `ESTALE`: the inode the kernel names does not exist (any more). The
+/// kernel answers a path walk that meets it by walking again and
+/// revalidating every name (`LOOKUP_REVAL`), learning the current inodes.
+/// (An `Io` error carrying the errno, as `FsError` has no variant of its
+/// own for it.)
+pub(crate) fn stale() -> FsError {
+    FsError::Io(std::io::Error::from_raw_os_error(libc::ESTALE))
+}
+
+/// Is `e` [`stale`]?
+pub(crate) fn is_stale(e: &FsError) -> bool {
+    matches!(e, FsError::Io(io) if io.raw_os_error() == Some(libc::ESTALE))
 }
 
 fn reply_xattr(value: Result<&[u8], FsError>, size: u32, reply: ReplyXattr) {
@@ -369,4 +393,64 @@ impl fuser::Filesystem for ImageFs {
             Err(e) => reply.error(e.errno()),
         }
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::digest::Digest;
+    use crate::layer::{AccessMap, Compression, LayerIndex};
+
+    fn image() -> ImageFs {
+        let entry = |path: &str, kind| Entry {
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 1,
+            xattrs: Box::default(),
+        };
+        let layer = LayerIndex {
+            blob_digest: Digest::of(b"x"),
+            diff_id: Digest::of(b"x"),
+            compression: Compression::None,
+            uncompressed_size: 0,
+            entries: vec![
+                entry("z", EntryKind::File { offset: 0, size: 3 }),
+                entry("d", EntryKind::Dir),
+                entry("d/f", EntryKind::Symlink { target: "../z".into() }),
+                entry("a", EntryKind::Fifo),
+            ],
+            access: AccessMap::Plain(Default::default()),
+        };
+        ImageFs::new(UnionTree::build(vec![Arc::new(layer)]), Vec::new())
+    }
+
+    #[test]
+    fn every_process_serves_the_same_inodes() {
+        let (first, second) = (image(), image());
+        assert_eq!(first.tree().len(), second.tree().len());
+        for ino in 1..=first.tree().len() as u64 {
+            let (a, b) = (first.attr(ino).unwrap(), second.attr(ino).unwrap());
+            assert_eq!((a.ino, a.kind, a.size), (b.ino, b.kind, b.size));
+        }
+        let d = second.lookup(ROOT, OsStr::new("d")).unwrap().ino.0;
+        assert_eq!(first.lookup(d, OsStr::new("f")).unwrap().ino, second.attr(d + 1).unwrap().ino);
+    }
+
+    #[test]
+    fn an_inode_the_tree_lacks_is_stale() {
+        let fs = image();
+        let missing = fs.tree().len() as u64 + 1;
+        for ino in [0, missing, u64::MAX] {
+            assert_eq!(fs.attr(ino).unwrap_err().errno(), Errno::ESTALE);
+            assert_eq!(fs.lookup(ino, OsStr::new("d")).unwrap_err().errno(), Errno::ESTALE);
+            assert_eq!(fs.dir_entries(ino, 0).unwrap_err().errno(), Errno::ESTALE);
+        }
+        // A missing name is still just missing.
+        assert_eq!(fs.lookup(ROOT, OsStr::new("nope")).unwrap_err().errno(), Errno::ENOENT);
+    }
+
+    const ROOT: u64 = crate::fs::union::ROOT_INO;
 }

@@ -9,6 +9,18 @@
 //! cached-mode handle (a lower file open for reading) gets no passthrough
 //! until that handle is closed, and the reverse cannot happen: once a file
 //! is in the upper, every open of it is an upper open.
+//!
+//! After a takeover (a new process serving the connection of a previous
+//! one), files the kernel opened in passthrough keep working without us:
+//! the kernel holds their backing files. The backing ids the previous
+//! process registered stay in the kernel's table until the connection ends
+//! (nobody knows their numbers to close them; each pins one upper file
+//! open). This process knows none of the old handles: releasing one is a
+//! no-op here. What it cannot see either is the kernel's per-inode mode: a
+//! new passthrough open of an inode still open through an old passthrough
+//! handle fails (`EBUSY`: another backing id), and one of an inode still
+//! open in cached mode through an old handle fails too (`ETXTBSY`), until
+//! those old handles are closed.
 
 use fuser::BackingId;
 use std::collections::HashMap;
@@ -84,7 +96,9 @@ impl Passthrough {
         Some(id)
     }
 
-    /// Forgets handle `fh` (closed).
+    /// Forgets handle `fh` (closed). A handle it never saw (cached mode,
+    /// or opened by a previous process serving the connection) changes
+    /// nothing.
     pub fn release(&self, fh: u64) {
         let mut inner = self.lock();
         if let Some((ino, id)) = inner.by_handle.remove(&fh) {
@@ -100,5 +114,34 @@ impl Passthrough {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn never_called(_: &File) -> std::io::Result<BackingId> {
+        unreachable!("no file, no backing id")
+    }
+
+    #[test]
+    fn releasing_an_unknown_handle_changes_nothing() {
+        let passthrough = Passthrough::default();
+        passthrough.enable();
+        assert!(passthrough.open(5, 1, None, never_called).is_none());
+        // A handle of a previous process, and one released twice.
+        passthrough.release(99);
+        passthrough.release(99);
+        {
+            let inner = passthrough.lock();
+            assert_eq!(inner.cached.get(&5), Some(&1));
+            assert_eq!(inner.cached_handles.get(&1), Some(&5));
+        }
+        passthrough.release(1);
+        passthrough.release(1);
+        let inner = passthrough.lock();
+        assert!(inner.cached.is_empty() && inner.cached_handles.is_empty());
+        assert!(inner.enabled);
     }
 }

@@ -14,7 +14,11 @@
 //!
 //! Inode numbers are indexes into the node table plus one (the root is 1):
 //! stable for the life of the mount and the same for every mount of the same
-//! layers.
+//! layers. Nodes are numbered depth first, each directory's children in
+//! bytewise name order (a `BTreeSet`); the hash maps of the build are only
+//! looked up, never iterated, so nothing depends on hash order. A process
+//! that takes over a FUSE connection relies on this: the kernel still holds
+//! the numbers the previous process handed out.
 
 use crate::layer::{Entry, EntryKind, LayerIndex};
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -294,6 +298,48 @@ impl UnionTree {
     pub fn lookup(&self, parent: u64, name: &str) -> Option<u64> {
         let children = &self.node(parent)?.children;
         children.binary_search_by(|(n, _)| (**n).cmp(name)).ok().map(|i| children[i].1)
+    }
+
+    /// The name of `ino` in directory `parent`, if it has one there.
+    pub fn name_in(&self, parent: u64, ino: u64) -> Option<&str> {
+        let children = &self.node(parent)?.children;
+        children.iter().find(|(_, i)| *i == ino).map(|(name, _)| &**name)
+    }
+
+    /// The path of `ino` from the root through parent links, as (name,
+    /// inode) steps (empty for the root). A hardlinked file is reached
+    /// through the directory it was first placed in.
+    pub fn path_of(&self, ino: u64) -> Option<Vec<(&str, u64)>> {
+        let mut steps = Vec::new();
+        let mut current = ino;
+        while current != ROOT_INO {
+            let parent = self.node(current)?.parent;
+            steps.push((self.name_in(parent, current)?, current));
+            current = parent;
+        }
+        steps.reverse();
+        Some(steps)
+    }
+
+    /// Every path of `ino` (see [`path_of`](Self::path_of)). A file with
+    /// several links is looked for in every directory: a one-off walk of
+    /// the whole tree, for the rare caller that must find an inode by
+    /// number (a process taking over a FUSE connection).
+    pub fn paths_of(&self, ino: u64) -> Vec<Vec<(&str, u64)>> {
+        let Some(node) = self.node(ino) else { return Vec::new() };
+        if node.is_dir || node.nlink <= 1 {
+            return self.path_of(ino).into_iter().collect();
+        }
+        let mut paths = Vec::new();
+        for (i, dir) in self.nodes.iter().enumerate().filter(|(_, n)| n.is_dir) {
+            for (name, _) in dir.children.iter().filter(|(_, child)| *child == ino) {
+                if let Some(mut path) = self.path_of(i as u64 + 1) {
+                    path.push((&**name, ino));
+                    paths.push(path);
+                }
+            }
+        }
+        paths
     }
 
     /// Number of inodes.

@@ -6,6 +6,14 @@
 //! changes); attributes and entries keep long TTLs. Directories are never
 //! opened (`ENOSYS` on `opendir`): the kernel then caches listings and
 //! revalidates them when a directory changes.
+//!
+//! Nothing here is per process beyond the overlay's tables, so a process
+//! that takes over the connection from a previous one serves the kernel's
+//! old inode and handle numbers through the overlay, which finds them again
+//! (see [`Overlay`]): directories never had handles (the kernel sends
+//! `fh` 0 and lists by inode, and remembers `ENOSYS` for `opendir` per
+//! connection), file handles are opened again by inode on first use, and
+//! closing one this process never issued is a no-op.
 
 use super::overlay::{Caller, NewObject, Overlay, SetAttr};
 use super::passthrough::Passthrough;
@@ -235,7 +243,7 @@ impl fuser::Filesystem for WritableFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         size: u32,
@@ -243,11 +251,12 @@ impl fuser::Filesystem for WritableFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let answer =
-            move |overlay: &Overlay, reply: ReplyData| match overlay.read(fh.0, offset, size) {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(e.errno()),
-            };
+        let answer = move |overlay: &Overlay, reply: ReplyData| match overlay
+            .read(ino.0, fh.0, offset, size)
+        {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e.errno()),
+        };
         if self.overlay.read_is_ready(fh.0, offset, size) {
             return answer(&self.overlay, reply);
         }
@@ -258,7 +267,7 @@ impl fuser::Filesystem for WritableFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         data: &[u8],
@@ -267,7 +276,7 @@ impl fuser::Filesystem for WritableFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.overlay.write(fh.0, offset, data) {
+        match self.overlay.write(ino.0, fh.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(e.errno()),
         }
@@ -282,7 +291,8 @@ impl fuser::Filesystem for WritableFs {
         reply: ReplyEmpty,
     ) {
         // Writes go straight to the upper file; nothing is buffered here.
-        // `ENOSYS` once tells the kernel to stop sending flushes at all.
+        // `ENOSYS` once tells the kernel to stop sending flushes at all (for
+        // the connection: a process taking it over gets none either).
         reply.error(Errno::ENOSYS);
     }
 
@@ -296,6 +306,8 @@ impl fuser::Filesystem for WritableFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        // Either may never have seen `fh` (opened by a previous process
+        // serving this connection): then both do nothing.
         self.passthrough.release(fh.0);
         self.overlay.release(fh.0);
         reply.ok();
@@ -304,14 +316,17 @@ impl fuser::Filesystem for WritableFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.overlay.fsync(fh.0, datasync), reply);
+        reply_empty(self.overlay.fsync(ino.0, fh.0, datasync), reply);
     }
 
+    // Directories have no handles: `readdir` lists by inode whatever `fh`
+    // says (0), so a listing survives a takeover, and `releasedir` (never
+    // sent after this `ENOSYS`) keeps fuser's default `ok`.
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         reply.error(Errno::ENOSYS);
     }
@@ -448,13 +463,13 @@ impl fuser::Filesystem for WritableFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
+        ino: INodeNo,
         fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(self.overlay.fallocate(fh.0, offset, length, mode), reply);
+        reply_empty(self.overlay.fallocate(ino.0, fh.0, offset, length, mode), reply);
     }
 }

@@ -18,13 +18,24 @@
 //! after copy-up, new objects get numbers above the lower ones), the names
 //! an inode is known by, and which lower object each one merges with.
 //!
+//! A process may take over a FUSE connection from a previous one (a crash
+//! or an upgrade) and rebuild the overlay from the same layers and upper:
+//! the kernel then sends inode and handle numbers this process never
+//! handed out. Inode numbers are the same in every process (see
+//! [`Overlay`]), so an unknown one is found again on the disk and looked up
+//! by name as the kernel would have (`adopt.rs`); an unknown handle is
+//! opened again by inode (`files.rs`).
+//!
 //! Every namespace operation runs under one lock (like fuse-overlayfs's big
 //! lock): copy-up, whiteout and rename sequences must not interleave. File
 //! data moves outside it, through the open handles.
 
+mod adopt;
 mod copy_up;
 mod files;
 mod ops;
+#[cfg(test)]
+mod tests;
 
 use super::error::FsError;
 use super::union::ROOT_INO;
@@ -96,6 +107,11 @@ struct State {
     dirs: HashMap<u64, Arc<Dir>>,
     /// Last inode number handed out when an upper inode number was taken.
     next_ino: u64,
+    /// Inode numbers of a previous process found gone (`ESTALE`), so a
+    /// kernel that keeps asking (`fstat` of an open, deleted file) costs no
+    /// more walks of the upper. An object that comes back under such a
+    /// number enters `nodes` through a lookup first, which is checked first.
+    gone: HashSet<u64>,
 }
 
 /// First of the inode numbers handed out when the natural one is taken.
@@ -168,7 +184,10 @@ impl UpperLayer {
 /// copied up (the copy records it in `<prefix>rmount.origin`); an object
 /// made in the upper is N + 1 + its upper inode number. Both survive a
 /// remount. Numbers from [`SPARE_INOS`] up are for an upper inode number
-/// reused while the kernel may still hold the old object's.
+/// reused while the kernel may still hold the old object's. A process
+/// taking over the FUSE connection numbers everything the same way, so the
+/// numbers the kernel holds from its predecessor name the same objects
+/// (spare numbers aside: they are `ESTALE`).
 pub struct Overlay {
     lower: ImageFs,
     /// N + 1: upper objects are numbered from here.
@@ -267,6 +286,7 @@ impl Overlay {
             by_upper: HashMap::new(),
             dirs: HashMap::new(),
             next_ino,
+            gone: HashSet::new(),
         };
         state.nodes.insert(
             ROOT_INO,
@@ -307,10 +327,31 @@ impl Overlay {
         }
     }
 
+    /// Holds every namespace operation of this mount until the returned
+    /// guard is dropped, so a commit reads one consistent upper.
+    pub fn freeze(&self) -> impl Sized + '_ {
+        self.lock()
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // A panic under the lock leaves the table as consistent as the disk
         // operations it wraps; keep serving.
         self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The node table, holding `inos`: inode numbers the kernel sent. One
+    /// this process never handed out (the kernel got it from the process
+    /// that served the connection before) is found again first
+    /// ([`Overlay::resolve_unknown`]); `ESTALE` if it no longer exists.
+    /// Every request naming an inode takes the lock through here.
+    fn lock_known(&self, inos: &[u64]) -> Result<MutexGuard<'_, State>, FsError> {
+        let mut st = self.lock();
+        for &ino in inos {
+            if !st.nodes.contains_key(&ino) {
+                self.resolve_unknown(&mut st, ino)?;
+            }
+        }
+        Ok(st)
     }
 
     /// The lower inode named `name` in `dir_lower`, the lower directory
@@ -347,18 +388,9 @@ impl Overlay {
 
     /// The absolute path of lower inode `ino` (for a `redirect` xattr).
     fn lower_path(&self, ino: u64) -> Option<String> {
-        let tree = self.lower.tree();
-        let mut parts = Vec::new();
-        let mut current = ino;
-        while current != ROOT_INO {
-            let node = tree.node(current)?;
-            let parent = tree.node(node.parent)?;
-            let (name, _) = parent.children.iter().find(|(_, i)| *i == current)?;
-            parts.push(&**name);
-            current = node.parent;
-        }
-        parts.reverse();
-        Some(format!("/{}", parts.join("/")))
+        let steps = self.lower.tree().path_of(ino)?;
+        let names: Vec<&str> = steps.iter().map(|(name, _)| *name).collect();
+        Some(format!("/{}", names.join("/")))
     }
 
     /// The open upper directory of directory `ino` (which must be in the upper).
@@ -448,8 +480,39 @@ impl Overlay {
         lower_child: Option<u64>,
     ) -> Result<u64, FsError> {
         let is_dir = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_dir();
+        let (lower, upper) = self.upper_merge(dir, name, stat, dir_lower, lower_child)?;
+        let ino = match lower {
+            Some(l) => st.by_upper.get(&key(stat)).copied().unwrap_or(l),
+            None => self.upper_ino(st, dir, name, stat)?,
+        };
+        st.by_upper.insert(key(stat), ino);
+        let node =
+            st.nodes.entry(ino).or_insert_with(|| Node { links: Vec::new(), lower, upper, is_dir });
+        node.lower = lower;
+        node.upper = upper;
+        node.is_dir = is_dir;
+        // The name that was just found in the upper goes first: it is where
+        // the object is certainly found again.
+        node.links.retain(|(p, n)| !(*p == parent && n == name));
+        node.links.insert(0, (parent, name.to_owned()));
+        Ok(ino)
+    }
+
+    /// What upper entry `name` in `dir` (`stat`) merges, as its xattrs say:
+    /// the lower inode it shows or merges, and how much of it is in the
+    /// upper. `dir_lower` is the lower directory merged under `dir`,
+    /// `lower_child` the lower object of the same name in it.
+    fn upper_merge(
+        &self,
+        dir: &Dir,
+        name: &OsStr,
+        stat: &Stat,
+        dir_lower: Option<u64>,
+        lower_child: Option<u64>,
+    ) -> Result<(Option<u64>, Upper), FsError> {
+        let is_dir = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_dir();
         let redirect = |this: &Self| dir.get_xattr(name, &this.upper.xattr("redirect"));
-        let (lower, upper) = if is_dir {
+        let merged = if is_dir {
             let lower =
                 if dir.get_xattr(name, &self.upper.xattr("opaque"))?.as_deref() == Some(b"y") {
                     None
@@ -468,21 +531,7 @@ impl Overlay {
         } else {
             (None, Upper::Full)
         };
-        let ino = match lower {
-            Some(l) => st.by_upper.get(&key(stat)).copied().unwrap_or(l),
-            None => self.upper_ino(st, dir, name, stat)?,
-        };
-        st.by_upper.insert(key(stat), ino);
-        let node =
-            st.nodes.entry(ino).or_insert_with(|| Node { links: Vec::new(), lower, upper, is_dir });
-        node.lower = lower;
-        node.upper = upper;
-        node.is_dir = is_dir;
-        // The name that was just found in the upper goes first: it is where
-        // the object is certainly found again.
-        node.links.retain(|(p, n)| !(*p == parent && n == name));
-        node.links.insert(0, (parent, name.to_owned()));
-        Ok(ino)
+        Ok(merged)
     }
 
     /// The inode number of upper object `name` in `dir` that merges no lower
@@ -499,8 +548,7 @@ impl Overlay {
         }
         let is_file = rustix::fs::FileType::from_raw_mode(stat.st_mode).is_file();
         if is_file {
-            let origin = dir.get_xattr(name, &self.upper.xattr(ORIGIN))?;
-            let origin = origin.and_then(|o| std::str::from_utf8(&o).ok()?.parse::<u64>().ok());
+            let origin = self.origin(dir, name)?;
             // A lower inode still shown by another (lower) name is not free.
             let free = |ino: &u64| {
                 *ino < self.upper_base
@@ -514,11 +562,19 @@ impl Overlay {
         Ok(self.fresh_ino(st, stat))
     }
 
+    /// The lower inode a copied-up file `name` in `dir` records as its
+    /// origin, if any.
+    fn origin(&self, dir: &Dir, name: &OsStr) -> Result<Option<u64>, FsError> {
+        let origin = dir.get_xattr(name, &self.upper.xattr(ORIGIN))?;
+        Ok(origin.and_then(|o| std::str::from_utf8(&o).ok()?.parse::<u64>().ok()))
+    }
+
     /// The inode number of a new upper object: N + 1 + its upper inode
-    /// number, unless that is still taken (the upper inode was reused).
+    /// number, unless that is still taken (the upper inode was reused), also
+    /// by a gone object the kernel still holds from a previous process.
     fn fresh_ino(&self, st: &mut State, stat: &Stat) -> u64 {
         let natural = self.upper_base + stat.st_ino;
-        if st.nodes.contains_key(&natural) {
+        if st.nodes.contains_key(&natural) || st.gone.contains(&natural) {
             st.alloc()
         } else {
             natural
@@ -527,7 +583,7 @@ impl Overlay {
 
     /// Looks `name` up in directory `parent`.
     pub fn lookup(&self, parent: u64, name: &OsStr) -> Result<FileAttr, FsError> {
-        let mut st = self.lock();
+        let mut st = self.lock_known(&[parent])?;
         let ino = self.resolve(&mut st, parent, name)?;
         self.attr_locked(&mut st, ino)
     }
@@ -535,11 +591,13 @@ impl Overlay {
     /// `stat` of inode `ino`; `fh` (an open handle) answers for a file that
     /// has no name left.
     pub fn attr(&self, ino: u64, fh: Option<u64>) -> Result<FileAttr, FsError> {
-        let mut st = self.lock();
-        match self.attr_locked(&mut st, ino) {
-            Err(FsError::NotFound) => {
-                drop(st);
-                self.handles.attr_of_open(ino, fh, &self.lower)
+        let found = self.lock_known(&[ino]).and_then(|mut st| self.attr_locked(&mut st, ino));
+        match found {
+            Err(FsError::NotFound) => self.handles.attr_of_open(ino, fh, &self.lower),
+            // Unknown and gone: only a handle this process opened could
+            // still know it.
+            Err(e) if adopt::is_stale(&e) => {
+                self.handles.attr_of_open(ino, fh, &self.lower).map_err(|_| e)
             }
             other => other,
         }
@@ -602,7 +660,7 @@ impl Overlay {
         ino: u64,
         offset: u64,
     ) -> Result<Vec<(u64, OsString, FileAttr)>, FsError> {
-        let mut st = self.lock();
+        let mut st = self.lock_known(&[ino])?;
         let names = self.names(&mut st, ino)?;
         let (parent, _) = st.node(ino)?.location()?;
         let mut out = Vec::new();
@@ -629,7 +687,7 @@ impl Overlay {
 
     /// The target of symlink `ino`.
     pub fn readlink(&self, ino: u64) -> Result<Vec<u8>, FsError> {
-        let mut st = self.lock();
+        let mut st = self.lock_known(&[ino])?;
         let node = st.facts(ino)?;
         match node.upper {
             Upper::Absent => {

@@ -111,7 +111,7 @@ impl Overlay {
         what: NewObject,
         caller: Caller,
     ) -> Result<(FileAttr, Option<u64>), FsError> {
-        let mut st = self.lock();
+        let mut st = self.lock_known(&[parent])?;
         let dir_node = st.facts(parent)?;
         if !dir_node.is_dir {
             return Err(FsError::NotDir);
@@ -180,7 +180,7 @@ impl Overlay {
 
     /// Hard-links `ino` as `name` in `parent` (a lower file is copied up first).
     pub fn link(&self, ino: u64, parent: u64, name: &OsStr) -> Result<FileAttr, FsError> {
-        let mut st = self.lock();
+        let mut st = self.lock_known(&[ino, parent])?;
         if st.node(ino)?.is_dir {
             return Err(FsError::NotPermitted);
         }
@@ -213,7 +213,7 @@ impl Overlay {
 
     /// Removes the non-directory `name` from `parent`.
     pub fn unlink(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
-        let mut st = self.lock();
+        let mut st = self.lock_known(&[parent])?;
         let ino = self.resolve(&mut st, parent, name)?;
         if st.node(ino)?.is_dir {
             return Err(FsError::IsDir);
@@ -223,7 +223,7 @@ impl Overlay {
 
     /// Removes the empty directory `name` from `parent`.
     pub fn rmdir(&self, parent: u64, name: &OsStr) -> Result<(), FsError> {
-        let mut st = self.lock();
+        let mut st = self.lock_known(&[parent])?;
         let ino = self.resolve(&mut st, parent, name)?;
         if !st.node(ino)?.is_dir {
             return Err(FsError::NotDir);
@@ -332,7 +332,7 @@ impl Overlay {
         {
             return Err(FsError::Invalid);
         }
-        let mut st = self.lock();
+        let mut st = self.lock_known(&[parent, new_parent])?;
         let ino = self.resolve(&mut st, parent, name)?;
         let target = not_found_ok(self.resolve(&mut st, new_parent, new_name))?;
         let exchange = flags.contains(F::RENAME_EXCHANGE);

@@ -137,3 +137,81 @@ fn lookups_of_missing_names_fail() {
     assert_eq!(tree.lookup(999, "a"), None);
     assert!(tree.node(0).is_none());
 }
+
+/// Every inode with its path, parent and link count, in inode order.
+fn numbering(tree: &UnionTree) -> Vec<(u64, Vec<String>, u64, u32)> {
+    (1..=tree.len() as u64)
+        .map(|ino| {
+            let paths = tree.paths_of(ino);
+            let paths = paths
+                .iter()
+                .map(|p| p.iter().map(|(name, _)| *name).collect::<Vec<_>>().join("/"))
+                .collect();
+            let node = tree.node(ino).unwrap();
+            (ino, paths, node.parent, node.nlink)
+        })
+        .collect()
+}
+
+/// Layers with enough names in scrambled tar order that hash-map order
+/// would show if it leaked into the numbering.
+fn scrambled_layers() -> Vec<Arc<LayerIndex>> {
+    let mut bottom = vec![dir("etc"), dir("usr"), file("usr/keep")];
+    for i in (0..200).map(|i| (i * 37) % 200) {
+        bottom.push(file(&format!("usr/f{i:03}")));
+        bottom.push(file(&format!("d{}/sub{}/x{i}", i % 7, i % 3)));
+    }
+    bottom.push(entry("etc/hard", EntryKind::Hardlink { target: "usr/f010".into() }));
+    let mut top = vec![
+        entry("usr/f005", EntryKind::Whiteout),
+        entry("d1", EntryKind::Opaque),
+        file("d1/only"),
+        dir("usr"),
+    ];
+    for i in (0..50).rev() {
+        top.push(file(&format!("new/n{i}")));
+    }
+    vec![layer(bottom), layer(top)]
+}
+
+#[test]
+fn numbering_is_the_same_for_every_build() {
+    let first = numbering(&UnionTree::build(scrambled_layers()));
+    for _ in 0..10 {
+        // Fresh indexes each time: new hash maps with new random seeds.
+        assert_eq!(numbering(&UnionTree::build(scrambled_layers())), first);
+    }
+    let other_thread =
+        std::thread::spawn(|| numbering(&UnionTree::build(scrambled_layers()))).join().unwrap();
+    assert_eq!(other_thread, first);
+}
+
+#[test]
+fn numbering_is_depth_first_in_name_order() {
+    let tree = UnionTree::build(vec![layer(vec![file("b"), dir("a"), file("a/z"), file("a/y")])]);
+    assert_eq!(tree.lookup(ROOT_INO, "a"), Some(2));
+    assert_eq!(tree.lookup(2, "y"), Some(3));
+    assert_eq!(tree.lookup(2, "z"), Some(4));
+    assert_eq!(tree.lookup(ROOT_INO, "b"), Some(5));
+}
+
+#[test]
+fn paths_lead_back_to_the_inode() {
+    let tree = UnionTree::build(scrambled_layers());
+    let usr = tree.lookup(ROOT_INO, "usr").unwrap();
+    let f = tree.lookup(usr, "f010").unwrap();
+    let paths = numbering(&tree).swap_remove(f as usize - 1).1;
+    assert_eq!(paths, ["etc/hard", "usr/f010"]);
+    for ino in 1..=tree.len() as u64 {
+        for path in tree.paths_of(ino) {
+            let end = path.iter().try_fold(ROOT_INO, |dir, (name, step)| {
+                let found = tree.lookup(dir, name)?;
+                (found == *step).then_some(found)
+            });
+            assert_eq!(end, Some(ino));
+        }
+    }
+    assert_eq!(tree.path_of(ROOT_INO), Some(Vec::new()));
+    assert!(tree.paths_of(0).is_empty());
+    assert!(tree.paths_of(tree.len() as u64 + 1).is_empty());
+}

@@ -57,6 +57,7 @@ fn options(args: &DaemonArgs) -> DaemonOptions {
         cache_bytes: args.cache_mem << 20,
         disk_bytes: args.cache_size,
         threads: args.threads,
+        metrics: args.metrics.clone(),
     }
 }
 

@@ -110,7 +110,7 @@ pub struct DaemonArgs {
     /// Serve Prometheus metrics at ADDR: `unix:/path.sock` or `127.0.0.1:PORT`
     /// (off by default; unauthenticated, so loopback only).
     #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<String>,
+    pub metrics: Option<crate::daemon::metrics::MetricsAddr>,
     /// Internal: run the worker process (started by the keeper).
     #[arg(long, hide = true)]
     pub worker: bool,

@@ -170,6 +170,7 @@ impl MountSpec {
                 .map(|(upper, work)| UpperDirs { upper: upper.clone(), work: work.clone() }),
             remote,
             record: self.record.clone(),
+            metrics: None,
         })
     }
 

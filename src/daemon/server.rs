@@ -2,6 +2,7 @@
 //! socket, one thread per connection.
 
 use super::keeper::{Handoff, KeeperLink, EXIT_PARK, EXIT_RESTART};
+use super::metrics::MetricsEndpoint;
 use super::protocol::{
     decode_request, encode, ErrorKind, Outcome, Reply, Request, ResponseEnvelope, MAX_LINE,
     PROTOCOL_VERSION,
@@ -43,6 +44,14 @@ pub fn run_worker(
     let daemon = Arc::new(Daemon::new(store, paths, link, handoff.keeper_pid, options));
     let started = super::table::unix_now();
     daemon.reattach(held);
+    let source = daemon.clone();
+    let _metrics = match &options.metrics {
+        Some(addr) => Some(
+            MetricsEndpoint::serve(addr.clone(), move || source.metrics())
+                .map_err(DaemonError::io(format!("serving metrics at {addr}")))?,
+        ),
+        None => None,
+    };
     tracing::info!(mounts = daemon.list().len(), "daemon worker ready");
     on_signals(daemon.clone());
     let reaper = daemon.clone();

@@ -3,11 +3,13 @@
 //! (`ROOT/daemon/mounts/<key>.json`) that lets a new daemon serve it again.
 
 use super::keeper::{HeldMount, KeeperLink};
+use super::metrics::MountMetrics;
 use super::protocol::{MountInfo, MountSpec};
 use super::{DaemonError, DaemonPaths};
 use crate::cache::DiskCache;
+use crate::fs::metrics::FsMetrics;
 use crate::fs::mount::{canonical_dir, detach, discard_changes};
-use crate::fs::{Connection, LayerPool, Mount, Overlay, Server};
+use crate::fs::{Connection, LayerPool, Mount, MountOptions, Overlay, Server};
 use crate::store::Store;
 use rustix::fd::OwnedFd;
 use serde::{Deserialize, Serialize};
@@ -25,6 +27,8 @@ pub struct DaemonOptions {
     pub disk_bytes: u64,
     /// Threads per mount that read data.
     pub threads: usize,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<super::metrics::MetricsAddr>,
 }
 
 /// A mount's durable record.
@@ -39,6 +43,7 @@ struct Live {
     spec: MountSpec,
     mounted_at: u64,
     mount: Mount,
+    metrics: Arc<FsMetrics>,
 }
 
 #[derive(Default)]
@@ -143,7 +148,11 @@ impl Daemon {
             kind: super::protocol::ErrorKind::Failed,
             message,
         };
-        let options = spec.options(&self.store, self.threads, self.disk.clone()).map_err(failed)?;
+        let metrics = Arc::new(FsMetrics::new());
+        let options = MountOptions {
+            metrics: Some(metrics.clone()),
+            ..spec.options(&self.store, self.threads, self.disk.clone()).map_err(failed)?
+        };
         let mount = Mount::start(
             &self.store,
             &spec.reference,
@@ -173,7 +182,7 @@ impl Daemon {
             return Err(e);
         }
         tracing::info!(mountpoint = %spec.mountpoint.display(), reference = %spec.reference, adopted, "serving");
-        Ok(Live { spec, mounted_at, mount })
+        Ok(Live { spec, mounted_at, mount, metrics })
     }
 
     fn record_path(&self, key: &str) -> PathBuf {
@@ -262,6 +271,26 @@ impl Daemon {
             mounted_at: live.mounted_at,
             uptime_secs: unix_now().saturating_sub(live.mounted_at),
         }
+    }
+
+    /// What the metrics endpoint shows of each mount.
+    pub fn metrics(&self) -> Vec<MountMetrics> {
+        self.lock()
+            .live
+            .values()
+            .map(|live| MountMetrics {
+                mountpoint: live.spec.mountpoint.clone(),
+                image: live.mount.record.reference.clone(),
+                ops: live.metrics.clone(),
+                layers: live
+                    .mount
+                    .layers()
+                    .iter()
+                    .filter_map(|l| l.remote.as_ref())
+                    .map(|r| r.stats())
+                    .collect(),
+            })
+            .collect()
     }
 
     /// The writable union of the mount at `mountpoint`.

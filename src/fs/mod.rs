@@ -4,6 +4,7 @@
 pub mod error;
 pub mod fuse;
 pub mod lazy;
+pub mod metered;
 pub mod metrics;
 pub mod mount;
 pub mod overlay;

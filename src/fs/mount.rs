@@ -5,6 +5,8 @@
 //! mount so `rmi`, `df` and `commit` see it.
 
 use super::lazy::{keep_stats, prefetch, prefetch_recorded, LayerSource, Prefetch, RemoteOptions};
+use super::metered::Metered;
+use super::metrics::FsMetrics;
 use super::record::{save_list, Recorder};
 use super::writable::WritableFs;
 use super::{FsError, ImageFs, Overlay, UnionTree, UpperDirs};
@@ -76,6 +78,8 @@ pub struct MountOptions {
     pub remote: Option<RemoteOptions>,
     /// Where to save the list of files read, when the mount ends.
     pub record: Option<PathBuf>,
+    /// Where to count and time the FUSE requests served.
+    pub metrics: Option<Arc<FsMetrics>>,
 }
 
 /// What the mounts of one process share: one bounded cache of
@@ -293,15 +297,19 @@ impl Mount {
         let clone_fd = server.daemon_socket.is_none();
         let mut config = fuse_config(reference, options.threads, options.upper.is_none(), clone_fd);
         let mut overlay = None;
+        let metered = |fs| Metered::new(fs, options.metrics.clone());
         let (background, device) = match &options.upper {
-            None => launch(fs, &mountpoint, &config, connection)?,
+            None => launch(metered(fs), &mountpoint, &config, connection)?,
             Some(dirs) => {
                 let upper = Overlay::new(fs, dirs)
                     .map_err(|source| MountError::Upper { path: dirs.upper.clone(), source })?;
                 let upper = Arc::new(upper);
                 // One request thread (see `WritableFs`); the pool reads.
                 config.n_threads = Some(1);
-                let fs = WritableFs::new(upper.clone(), options.threads);
+                let fs = Metered::new(
+                    WritableFs::new(upper.clone(), options.threads),
+                    options.metrics.clone(),
+                );
                 let notify = upper.clone();
                 let launched = launch_with(fs, &mountpoint, &config, connection, move |n| {
                     notify.set_notifier(n)

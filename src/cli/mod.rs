@@ -618,7 +618,13 @@ fn init_logging(verbose: u8, format: &str) {
 /// Entry point of the `rmount` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse_from(expand_short_form(std::env::args().collect()));
-    init_logging(cli.verbose, &cli.log_format);
+    // A daemon's log is read after the fact: it keeps the info lines (which
+    // mounts it serves, restarts) unless told otherwise.
+    let verbose = match cli.command {
+        Command::Daemon(_) => cli.verbose.max(1),
+        _ => cli.verbose,
+    };
+    init_logging(verbose, &cli.log_format);
     let root = cli.root.clone().unwrap_or_else(default_root);
     let result = match cli.command {
         Command::Pull(a) => registry::pull(&root, &a),

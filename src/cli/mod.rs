@@ -621,7 +621,11 @@ pub fn main() -> ExitCode {
     // A daemon's log is read after the fact: it keeps the info lines (which
     // mounts it serves, restarts) unless told otherwise.
     let verbose = match cli.command {
-        Command::Daemon(_) => cli.verbose.max(1),
+        Command::Daemon(_) => {
+            // Its keeper and worker processes log the same way.
+            std::env::set_var("RMOUNT_LOG_FORMAT", &cli.log_format);
+            cli.verbose.max(1)
+        }
         _ => cli.verbose,
     };
     init_logging(verbose, &cli.log_format);

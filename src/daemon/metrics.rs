@@ -156,20 +156,6 @@ pub fn render(mounts: &[MountMetrics]) -> String {
             o.count
         );
     }
-    header(
-        &mut out,
-        "rmount_fuse_op_errors_total",
-        "counter",
-        "FUSE requests answered with an error.",
-    );
-    for (mountpoint, o) in served() {
-        let op = o.op.name();
-        let _ = writeln!(
-            out,
-            "rmount_fuse_op_errors_total{{mountpoint=\"{mountpoint}\",op=\"{op}\"}} {}",
-            o.errors
-        );
-    }
     let name = "rmount_fuse_op_duration_seconds";
     header(&mut out, name, "histogram", "Time from a FUSE request to its reply.");
     let bounds: Vec<String> = BUCKET_BOUNDS_NS.iter().map(|&ns| seconds(ns)).collect();
@@ -674,10 +660,10 @@ mod tests {
         a.layers[1].misses.store(1, Ordering::Relaxed);
         a.layers[1].corrupt.store(2, Ordering::Relaxed);
         for us in [5, 20, 20, 300, 4000, 2_000_000] {
-            a.ops.record(Op::Read, Duration::from_micros(us), us != 300);
+            a.ops.record(Op::Read, Duration::from_micros(us));
         }
-        a.ops.record(Op::Lookup, Duration::from_micros(1), true);
-        b.ops.record(Op::Getattr, Duration::from_micros(1), false);
+        a.ops.record(Op::Lookup, Duration::from_micros(1));
+        b.ops.record(Op::Getattr, Duration::from_micros(1));
 
         let text = render(&[a, b]);
         let (types, samples) = parse(&text);
@@ -699,11 +685,6 @@ mod tests {
         // Only served ops appear.
         assert_eq!(sample(&samples, "rmount_fuse_ops_total", &[]).len(), 3);
         assert_eq!(sample(&samples, "rmount_fuse_ops_total", &[("op", "read")])[0].2, 6.0);
-        assert_eq!(sample(&samples, "rmount_fuse_op_errors_total", &[("op", "read")])[0].2, 1.0);
-        assert_eq!(
-            sample(&samples, "rmount_fuse_op_errors_total", &[("mountpoint", "/mnt/b")])[0].2,
-            1.0
-        );
         assert!(sample(&samples, "rmount_fuse_ops_total", &[("op", "write")]).is_empty());
 
         // Histograms: cumulative, monotonic, +Inf == _count, le ascending.
@@ -741,7 +722,7 @@ mod tests {
     #[test]
     fn render_with_no_mounts() {
         let (types, samples) = parse(&render(&[]));
-        assert_eq!(types.len(), 10);
+        assert_eq!(types.len(), 9);
         assert_eq!(samples.len(), 1);
         assert_eq!(samples[0].2, 0.0);
     }
@@ -752,7 +733,7 @@ mod tests {
         assert_eq!(escape("x\ny"), "x\\ny");
         assert_eq!(escape("plain é"), "plain é");
         let m = mount("/mnt/we\"ird\\dir\nname", "img\"x");
-        m.ops.record(Op::Statfs, Duration::ZERO, true);
+        m.ops.record(Op::Statfs, Duration::ZERO);
         let text = render(&[m]);
         let (_, samples) = parse(&text);
         let ops = sample(&samples, "rmount_fuse_ops_total", &[("op", "statfs")]);
@@ -805,7 +786,7 @@ mod tests {
 
     fn source() -> impl Fn() -> Vec<MountMetrics> + Send + Sync + 'static {
         let m = mount("/mnt/served", "img");
-        m.ops.record(Op::Readdir, Duration::from_micros(7), true);
+        m.ops.record(Op::Readdir, Duration::from_micros(7));
         move || vec![m.clone()]
     }
 

@@ -1,16 +1,21 @@
 //! Per-mount FUSE operation counters and latency histograms.
 //!
-//! One [`FsMetrics`] per mount: for every [`Op`] a count of errors and a
-//! latency histogram with fixed buckets ([`BUCKET_BOUNDS_NS`]). Everything
-//! is a relaxed atomic add, so recording never takes a lock and never
-//! allocates; `daemon::metrics` renders a [`FsMetrics::snapshot`] in the
-//! Prometheus text format.
+//! One [`FsMetrics`] per mount: for every [`Op`] a latency histogram with
+//! fixed buckets ([`BUCKET_BOUNDS_NS`]) and the sum of the latencies.
+//! Everything is a relaxed atomic add, so recording never takes a lock and
+//! never allocates; `daemon::metrics` renders a [`FsMetrics::snapshot`] in
+//! the Prometheus text format.
 //!
-//! A FUSE adapter holds an `Option<Arc<FsMetrics>>` and wraps each request
-//! in an [`OpTimer`]: with `None` the timer is an empty value (no clock
-//! read, no atomic), so a mount without metrics pays nothing. The timer owns
-//! an `Arc` rather than borrowing, because a reply may move to a worker
-//! thread and finish there.
+//! The request wrapper (`fs::metered`) holds an `Option<Arc<FsMetrics>>`
+//! and starts an [`OpTimer`] around each handler call; the timer records
+//! when dropped, as the handler returns. So the time recorded is the
+//! handler's: a request answered later from a worker thread counts up to
+//! its hand-off, not up to its reply. With `None` the timer is an empty
+//! value (no clock read, no atomic), so a mount without metrics pays
+//! nothing.
+//!
+//! There are no error counts: the reply goes from the filesystem straight
+//! to the kernel, so the wrapper cannot see whether a request failed.
 //!
 //! Invariant: the number of operations of a kind is the sum of its bucket
 //! counts; no separate counter exists, so a snapshot taken while requests
@@ -163,15 +168,13 @@ pub const BUCKETS: usize = BUCKET_BOUNDS_NS.len() + 1;
 #[repr(align(64))]
 #[derive(Default)]
 struct OpCounters {
-    /// Requests that ended in an error reply.
-    errors: AtomicU64,
     /// Sum of the latencies, in nanoseconds.
     sum_ns: AtomicU64,
     /// Requests per bucket (not cumulative); their sum is the count.
     buckets: [AtomicU64; BUCKETS],
 }
 
-/// FUSE op counts, error counts and latency histograms of one mount.
+/// FUSE op counts and latency histograms of one mount.
 pub struct FsMetrics {
     ops: [OpCounters; Op::COUNT],
 }
@@ -195,22 +198,13 @@ impl FsMetrics {
         Self { ops: std::array::from_fn(|_| OpCounters::default()) }
     }
 
-    /// A timer for one `op` request; it records when finished or dropped.
-    /// (For an `Option<Arc<FsMetrics>>`, use [`OpTimer::start`].)
-    pub fn start(self: &Arc<Self>, op: Op) -> OpTimer {
-        OpTimer::start(Some(self), op)
-    }
-
-    /// Records one finished `op` request that took `elapsed`.
-    pub fn record(&self, op: Op, elapsed: Duration, ok: bool) {
+    /// Records one `op` request that took `elapsed`.
+    pub fn record(&self, op: Op, elapsed: Duration) {
         let counters = &self.ops[op as usize];
         let ns = u64::try_from(elapsed.as_nanos()).unwrap_or(u64::MAX);
         let bucket = BUCKET_BOUNDS_NS.partition_point(|&bound| bound < ns);
         counters.buckets[bucket].fetch_add(1, Ordering::Relaxed);
         counters.sum_ns.fetch_add(ns, Ordering::Relaxed);
-        if !ok {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-        }
     }
 
     /// The current values of every op kind (30 small structs, no locks).
@@ -228,7 +222,6 @@ impl FsMetrics {
                 OpSnapshot {
                     op,
                     count: running,
-                    errors: counters.errors.load(Ordering::Relaxed),
                     sum_ns: counters.sum_ns.load(Ordering::Relaxed),
                     buckets,
                 }
@@ -259,8 +252,6 @@ pub struct OpSnapshot {
     pub op: Op,
     /// Requests recorded (equals `buckets[BUCKETS - 1]`).
     pub count: u64,
-    /// Requests that failed.
-    pub errors: u64,
     /// Sum of their latencies in nanoseconds.
     pub sum_ns: u64,
     /// Cumulative bucket counts: `buckets[i]` requests took at most
@@ -268,16 +259,15 @@ pub struct OpSnapshot {
     pub buckets: [u64; BUCKETS],
 }
 
-/// Times one request; records it on [`finish`](Self::finish), or as a
-/// success when dropped unfinished. Inert when made without metrics.
-#[must_use = "a timer records when finished or dropped; dropping it at once records ~0s"]
+/// Times one request from [`start`](Self::start) until it is dropped, and
+/// records it then. Inert when made without metrics.
+#[must_use = "a timer records when dropped; dropping it at once records ~0s"]
 pub struct OpTimer {
     /// `None`: metrics are off and nothing is recorded.
     metrics: Option<Arc<FsMetrics>>,
     op: Op,
     /// Set exactly when `metrics` is.
     started: Option<Instant>,
-    ok: bool,
 }
 
 impl std::fmt::Debug for OpTimer {
@@ -294,29 +284,16 @@ impl OpTimer {
     /// `None` (no clock read, no reference count).
     pub fn start(metrics: Option<&Arc<FsMetrics>>, op: Op) -> OpTimer {
         match metrics {
-            Some(m) => {
-                OpTimer { metrics: Some(m.clone()), op, started: Some(Instant::now()), ok: true }
-            }
-            None => OpTimer::disabled(op),
+            Some(m) => OpTimer { metrics: Some(m.clone()), op, started: Some(Instant::now()) },
+            None => OpTimer { metrics: None, op, started: None },
         }
-    }
-
-    /// A timer that records nothing.
-    pub fn disabled(op: Op) -> OpTimer {
-        OpTimer { metrics: None, op, started: None, ok: true }
-    }
-
-    /// Ends the request: records its latency, and an error unless `ok`.
-    pub fn finish(mut self, ok: bool) {
-        self.ok = ok;
-        // Drop records.
     }
 }
 
 impl Drop for OpTimer {
     fn drop(&mut self) {
         if let (Some(metrics), Some(started)) = (self.metrics.take(), self.started) {
-            metrics.record(self.op, started.elapsed(), self.ok);
+            metrics.record(self.op, started.elapsed());
         }
     }
 }
@@ -340,16 +317,15 @@ mod tests {
     #[test]
     fn buckets_are_inclusive_upper_bounds() {
         let m = FsMetrics::new();
-        m.record(Op::Read, Duration::ZERO, true);
-        m.record(Op::Read, Duration::from_micros(10), true); // on the bound: first bucket
-        m.record(Op::Read, Duration::from_nanos(10_001), true); // second
-        m.record(Op::Read, Duration::from_secs(1), false); // last finite
-        m.record(Op::Read, Duration::from_secs(2), true); // +Inf
-        m.record(Op::Read, Duration::MAX, true); // saturates, +Inf
+        m.record(Op::Read, Duration::ZERO);
+        m.record(Op::Read, Duration::from_micros(10)); // on the bound: first bucket
+        m.record(Op::Read, Duration::from_nanos(10_001)); // second
+        m.record(Op::Read, Duration::from_secs(1)); // last finite
+        m.record(Op::Read, Duration::from_secs(2)); // +Inf
+        m.record(Op::Read, Duration::MAX); // saturates, +Inf
         let s = m.snapshot();
         let read = s.get(Op::Read);
         assert_eq!(read.count, 6);
-        assert_eq!(read.errors, 1);
         assert_eq!(read.buckets[0], 2);
         assert_eq!(read.buckets[1], 3);
         assert_eq!(read.buckets[BUCKETS - 3], 3);
@@ -359,26 +335,27 @@ mod tests {
     }
 
     #[test]
-    fn timer_records_on_finish_and_on_drop() {
+    fn timer_records_on_drop() {
         let m = Arc::new(FsMetrics::new());
-        m.start(Op::Lookup).finish(false);
         {
-            let _t = m.start(Op::Lookup);
+            let _t = OpTimer::start(Some(&m), Op::Lookup);
+            std::thread::sleep(Duration::from_millis(2));
         }
+        let _ = OpTimer::start(Some(&m), Op::Lookup);
         let timer = OpTimer::start(Some(&m), Op::Getattr);
-        std::thread::spawn(move || timer.finish(true)).join().unwrap();
+        std::thread::spawn(move || drop(timer)).join().unwrap();
         let s = m.snapshot();
-        assert_eq!((s.get(Op::Lookup).count, s.get(Op::Lookup).errors), (2, 1));
-        assert_eq!((s.get(Op::Getattr).count, s.get(Op::Getattr).errors), (1, 0));
+        assert_eq!(s.get(Op::Lookup).count, 2);
+        assert!(s.get(Op::Lookup).sum_ns >= 2_000_000, "{}", s.get(Op::Lookup).sum_ns);
+        assert_eq!(s.get(Op::Getattr).count, 1);
         assert_eq!(Arc::strong_count(&m), 1, "timers release their reference");
     }
 
     #[test]
-    fn disabled_timer_records_nothing() {
-        OpTimer::start(None, Op::Read).finish(false);
-        OpTimer::disabled(Op::Read).finish(true);
-        let _dropped = OpTimer::start(None, Op::Lookup);
-        // Nothing is recorded anywhere; the point is that none of this panics.
+    fn timer_without_metrics_is_inert() {
+        let t = OpTimer::start(None, Op::Read);
+        assert!(t.metrics.is_none() && t.started.is_none());
+        drop(t);
     }
 
     #[test]
@@ -389,7 +366,7 @@ mod tests {
                 let m = m.clone();
                 std::thread::spawn(move || {
                     for j in 0..1000u64 {
-                        m.record(Op::Read, Duration::from_micros(j * (i + 1)), j % 10 != 0);
+                        m.record(Op::Read, Duration::from_micros(j * (i + 1)));
                     }
                 })
             })
@@ -399,7 +376,6 @@ mod tests {
         }
         let read = m.snapshot().get(Op::Read).clone();
         assert_eq!(read.count, 4000);
-        assert_eq!(read.errors, 400);
         assert!(read.buckets.windows(2).all(|w| w[0] <= w[1]));
         let expected_sum: u64 = (1..=4u64).map(|i| (0..1000u64).sum::<u64>() * i * 1000).sum();
         assert_eq!(read.sum_ns, expected_sum);

@@ -157,7 +157,7 @@ pub fn render(mounts: &[MountMetrics]) -> String {
         );
     }
     let name = "rmount_fuse_op_duration_seconds";
-    header(&mut out, name, "histogram", "Time from a FUSE request to its reply.");
+    header(&mut out, name, "histogram", "Time rmount spent handling a FUSE request (until its reply, or its hand-off to a worker thread).");
     let bounds: Vec<String> = BUCKET_BOUNDS_NS.iter().map(|&ns| seconds(ns)).collect();
     for (mountpoint, o) in served() {
         let labels = format!("mountpoint=\"{mountpoint}\",op=\"{}\"", o.op.name());

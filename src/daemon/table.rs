@@ -4,7 +4,7 @@
 
 use super::keeper::{HeldMount, KeeperLink};
 use super::metrics::MountMetrics;
-use super::protocol::{MountInfo, MountSpec};
+use super::protocol::{ErrorKind, MountInfo, MountSpec};
 use super::{DaemonError, DaemonPaths};
 use crate::cache::DiskCache;
 use crate::fs::metrics::FsMetrics;
@@ -65,6 +65,11 @@ pub struct Daemon {
     mounts: Mutex<Mounts>,
 }
 
+/// A request that was valid but failed.
+fn failed(message: String) -> DaemonError {
+    DaemonError::Refused { kind: ErrorKind::Failed, message }
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -104,10 +109,6 @@ impl Daemon {
 
     /// Mounts `spec` anew.
     pub fn mount(&self, spec: MountSpec) -> Result<MountInfo, DaemonError> {
-        let failed = |message: String| DaemonError::Refused {
-            kind: super::protocol::ErrorKind::Failed,
-            message,
-        };
         let mountpoint = canonical_dir(&spec.mountpoint).map_err(|e| failed(e.to_string()))?;
         if mountpoint != spec.mountpoint {
             return Err(failed(format!(
@@ -116,14 +117,13 @@ impl Daemon {
                 mountpoint.display()
             )));
         }
+        let mounted_elsewhere = self.store.mount_at(&mountpoint)?.is_some();
         {
             let mut mounts = self.lock();
-            let taken =
-                mounts.live.contains_key(&mountpoint) || !mounts.pending.insert(mountpoint.clone());
-            if taken || self.store.mount_at(&mountpoint)?.is_some() {
-                if !taken {
-                    mounts.pending.remove(&mountpoint);
-                }
+            if mounted_elsewhere
+                || mounts.live.contains_key(&mountpoint)
+                || !mounts.pending.insert(mountpoint.clone())
+            {
                 return Err(failed(format!("{} is already an rmount mount", mountpoint.display())));
             }
         }
@@ -144,10 +144,6 @@ impl Daemon {
         mounted_at: u64,
     ) -> Result<Live, DaemonError> {
         let adopted = matches!(connection, Connection::Adopt(_));
-        let failed = |message: String| DaemonError::Refused {
-            kind: super::protocol::ErrorKind::Failed,
-            message,
-        };
         let metrics = Arc::new(FsMetrics::new());
         let options = MountOptions {
             metrics: Some(metrics.clone()),
@@ -197,7 +193,7 @@ impl Daemon {
         discard: bool,
     ) -> Result<(), DaemonError> {
         let live = self.lock().live.remove(mountpoint).ok_or_else(|| DaemonError::Refused {
-            kind: super::protocol::ErrorKind::NotFound,
+            kind: ErrorKind::NotFound,
             message: format!(
                 "{} is not mounted by this daemon (see `rmount ps`)",
                 mountpoint.display()
@@ -206,17 +202,11 @@ impl Daemon {
         let upper = live.spec.upper.clone();
         if let Err(e) = detach(mountpoint, force) {
             self.lock().live.insert(mountpoint.to_path_buf(), live);
-            return Err(DaemonError::Refused {
-                kind: super::protocol::ErrorKind::Failed,
-                message: e.to_string(),
-            });
+            return Err(failed(e.to_string()));
         }
         self.finish(live);
         if let (true, Some((upper, work))) = (discard, upper) {
-            discard_changes(&upper, &work).map_err(|e| DaemonError::Refused {
-                kind: super::protocol::ErrorKind::Failed,
-                message: e.to_string(),
-            })?;
+            discard_changes(&upper, &work).map_err(|e| failed(e.to_string()))?;
         }
         Ok(())
     }

@@ -440,7 +440,7 @@ pub struct MountArgs {
     pub foreground: bool,
     /// Serve the mount from a process of its own instead of the daemon
     /// (debugging; `--foreground` implies it).
-    #[arg(long, env = "RMOUNT_NO_DAEMON")]
+    #[arg(long, env = "RMOUNT_NO_DAEMON", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_daemon: bool,
     /// Memory for decompressed spans, in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 256)]

@@ -82,12 +82,26 @@ pub fn start(root: &Path, args: &DaemonArgs) -> Result<Reply> {
     if let Ok((_, pong)) = DaemonClient::wait_ready(&paths.socket, Duration::ZERO) {
         return Ok(pong);
     }
+    // Commands racing to start the daemon (ten `rmount REF DIR` at once)
+    // start one: the others wait here, then find it answering.
+    Store::open(root)?;
+    std::fs::create_dir_all(&paths.state)?;
+    let lock_path = paths.state.join("start.lock");
+    let lock = std::fs::File::options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    rustix::fs::flock(&lock, rustix::fs::FlockOperation::LockExclusive)
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    if let Ok((_, pong)) = DaemonClient::wait_ready(&paths.socket, Duration::ZERO) {
+        return Ok(pong);
+    }
     if let Some(pid) = parked_keeper(&paths) {
         rustix::process::kill_process(pid, rustix::process::Signal::USR1)
             .context("waking the parked daemon")?;
     } else {
-        Store::open(root)?;
-        std::fs::create_dir_all(&paths.state)?;
         let log_path = paths.log();
         let log = std::fs::OpenOptions::new()
             .create(true)

@@ -4,7 +4,7 @@
 use super::registry::{client, Bars};
 use super::{MountArgs, PrefetchArg, StatsArgs, UmountArgs};
 use crate::daemon::client::DaemonClient;
-use crate::daemon::protocol::{MountSpec, PrefetchSpec, RegistrySettings, Request};
+use crate::daemon::protocol::{MountSpec, PrefetchSpec, RegistrySettings, Reply, Request};
 use crate::fs::lazy::open_disk_cache;
 use crate::fs::mount::mountpoint_to_unmount;
 use crate::fs::{serve, unmount_image, MountOptions};
@@ -214,25 +214,23 @@ pub fn stats(root: &Path, args: &StatsArgs) -> Result<()> {
         .mountpoint
         .canonicalize()
         .with_context(|| format!("mountpoint {}", args.mountpoint.display()))?;
-    if store.mount_at(&mountpoint)?.is_none() {
-        bail!("{} is not an rmount mount (see `rmount df`)", mountpoint.display());
-    }
-    let path = store.mount_stats_path(&mountpoint);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            bail!(
-                "{} reads every layer from the store: there is nothing fetched to show",
-                mountpoint.display()
-            )
+    let Some(record) = store.mount_at(&mountpoint)? else {
+        bail!("{} is not an rmount mount (see `rmount ps`)", mountpoint.display());
+    };
+    let stats: serde_json::Value = match &record.daemon {
+        Some(socket) => {
+            let (mut client, _) = DaemonClient::wait_ready(socket, Duration::from_secs(15))?;
+            match client.call(Request::Stats { mountpoint })? {
+                Reply::Stats { stats } => stats,
+                other => bail!("unexpected answer from the daemon: {other:?}"),
+            }
         }
-        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        None => serde_json::from_str(&stats_file(&store, &mountpoint)?)?,
     };
     if args.json {
-        println!("{text}");
+        println!("{}", serde_json::to_string_pretty(&stats)?);
         return Ok(());
     }
-    let stats: serde_json::Value = serde_json::from_str(&text)?;
     let num = |v: &serde_json::Value, k: &str| v[k].as_f64().unwrap_or(0.0);
     println!(
         "{}: fetched {} in {} requests, {}% of the image local; disk cache {} hits, {} misses; fetch latency p50 {} ms, p99 {} ms",
@@ -262,6 +260,19 @@ pub fn stats(root: &Path, args: &StatsArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The statistics a mount's own serving process writes every second.
+fn stats_file(store: &Store, mountpoint: &Path) -> Result<String> {
+    let path = store.mount_stats_path(mountpoint);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => bail!(
+            "{} reads every layer from the store: there is nothing fetched to show",
+            mountpoint.display()
+        ),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
 }
 
 pub fn umount(root: &Path, args: &UmountArgs) -> Result<()> {

@@ -56,6 +56,11 @@ pub enum Request {
     },
     /// Every mount: [`Reply::Mounts`].
     List,
+    /// What a lazy mount has fetched: [`Reply::Stats`].
+    Stats {
+        /// The mountpoint (absolute).
+        mountpoint: PathBuf,
+    },
     /// Freeze a writable mount's namespace until this connection closes
     /// (a commit reads the upper meanwhile): [`Reply::Paused`].
     Pause {
@@ -273,6 +278,11 @@ pub enum Reply {
     Mounts {
         /// Sorted by mountpoint.
         mounts: Vec<MountInfo>,
+    },
+    /// A lazy mount's fetch statistics (as `rmount stats --json` prints them).
+    Stats {
+        /// They.
+        stats: serde_json::Value,
     },
     /// The mount is frozen until the connection closes.
     Paused,

@@ -156,6 +156,10 @@ impl Context {
                 After::Continue,
             ),
             Request::List => (ok(Reply::Mounts { mounts: self.daemon.list() }), After::Continue),
+            Request::Stats { mountpoint } => (
+                done(self.daemon.stats(&mountpoint).map(|stats| Reply::Stats { stats })),
+                After::Continue,
+            ),
             Request::Pause { mountpoint } => match self.daemon.overlay(&mountpoint) {
                 Some(overlay) => {
                     let (paused, release) = std::sync::mpsc::channel::<()>();

@@ -70,6 +70,16 @@ fn failed(message: String) -> DaemonError {
     DaemonError::Refused { kind: ErrorKind::Failed, message }
 }
 
+fn not_mounted(mountpoint: &Path) -> DaemonError {
+    DaemonError::Refused {
+        kind: ErrorKind::NotFound,
+        message: format!(
+            "{} is not mounted by this daemon (see `rmount ps`)",
+            mountpoint.display()
+        ),
+    }
+}
+
 /// Seconds since the Unix epoch.
 pub fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
@@ -192,13 +202,7 @@ impl Daemon {
         force: bool,
         discard: bool,
     ) -> Result<(), DaemonError> {
-        let live = self.lock().live.remove(mountpoint).ok_or_else(|| DaemonError::Refused {
-            kind: ErrorKind::NotFound,
-            message: format!(
-                "{} is not mounted by this daemon (see `rmount ps`)",
-                mountpoint.display()
-            ),
-        })?;
+        let live = self.lock().live.remove(mountpoint).ok_or_else(|| not_mounted(mountpoint))?;
         let upper = live.spec.upper.clone();
         if let Err(e) = detach(mountpoint, force) {
             self.lock().live.insert(mountpoint.to_path_buf(), live);
@@ -261,6 +265,20 @@ impl Daemon {
             mounted_at: live.mounted_at,
             uptime_secs: unix_now().saturating_sub(live.mounted_at),
         }
+    }
+
+    /// The fetch statistics of the lazy mount at `mountpoint`.
+    pub fn stats(&self, mountpoint: &Path) -> Result<serde_json::Value, DaemonError> {
+        let mounts = self.lock();
+        let live = mounts.live.get(mountpoint).ok_or_else(|| not_mounted(mountpoint))?;
+        let layers = live.mount.layers();
+        if layers.iter().all(|l| l.remote.is_none()) {
+            return Err(failed(format!(
+                "{} reads every layer from the store: there is nothing fetched to show",
+                mountpoint.display()
+            )));
+        }
+        Ok(crate::fs::lazy::stats_now(&live.mount.record.reference, mountpoint, layers))
     }
 
     /// What the metrics endpoint shows of each mount.

@@ -168,6 +168,12 @@ fn percentile(sorted: &[u32], p: usize) -> u32 {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
 
+/// The statistics `rmount stats` shows (the same JSON as the file
+/// [`keep_stats`] writes), taken now.
+pub fn stats_now(reference: &str, mountpoint: &Path, layers: &[LayerSource]) -> serde_json::Value {
+    serde_json::to_value(snapshot(reference, mountpoint, layers)).unwrap_or_default()
+}
+
 fn snapshot(reference: &str, mountpoint: &Path, layers: &[LayerSource]) -> MountStats {
     let counter = |f: fn(&FetchStats) -> u64| -> u64 {
         layers.iter().filter_map(|l| l.remote.as_ref()).map(|r| f(&r.stats())).sum()

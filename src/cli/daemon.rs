@@ -135,17 +135,16 @@ fn parked_keeper(paths: &DaemonPaths) -> Option<rustix::process::Pid> {
     ours.then(|| rustix::process::Pid::from_raw(pid as i32)).flatten()
 }
 
-/// A connection to the store's daemon, started with default settings when
-/// none runs.
-pub fn connect_or_start(root: &Path) -> Result<DaemonClient> {
+/// A connection to the store's daemon, started with `settings` when none
+/// runs.
+pub fn connect_or_start(root: &Path, settings: &DaemonArgs) -> Result<DaemonClient> {
     let paths = paths(root);
     match DaemonClient::connect(&paths.socket) {
         Ok(client) => return Ok(client),
         Err(DaemonError::NotRunning(_)) => {}
         Err(e) => return Err(e.into()),
     }
-    let defaults = DaemonArgs::default_for_autostart();
-    start(root, &defaults)?;
+    start(root, settings)?;
     Ok(DaemonClient::connect(&paths.socket)?)
 }
 

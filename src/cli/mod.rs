@@ -118,12 +118,12 @@ pub struct DaemonArgs {
 
 impl DaemonArgs {
     /// The settings of a daemon started on demand by another command.
-    pub fn default_for_autostart() -> Self {
+    pub fn for_autostart(cache_mem: u64, cache_size: u64) -> Self {
         Self {
             command: None,
             foreground: false,
-            cache_mem: 256,
-            cache_size: crate::fs::lazy::DEFAULT_CACHE_SIZE,
+            cache_mem,
+            cache_size,
             threads: 4,
             metrics: None,
             worker: false,
@@ -442,11 +442,14 @@ pub struct MountArgs {
     /// (debugging; `--foreground` implies it).
     #[arg(long, env = "RMOUNT_NO_DAEMON", value_parser = clap::builder::FalseyValueParser::new())]
     pub no_daemon: bool,
-    /// Memory for decompressed spans, in MiB.
+    /// Memory for decompressed spans, in MiB: the whole daemon's when this
+    /// command starts it (a running daemon keeps its own), or this mount's
+    /// with --no-daemon.
     #[arg(long, value_name = "MIB", default_value_t = 256)]
     pub cache_mem: u64,
     /// Disk space for chunks fetched by lazy mounts (ROOT/cache/chunks),
-    /// shared by every mount; 0 keeps them in memory only.
+    /// shared by every mount; 0 keeps them in memory only. Like
+    /// --cache-mem, it sets a daemon this command starts.
     #[arg(long, value_name = "SIZE", default_value = "10G", value_parser = parse_size_arg)]
     pub cache_size: u64,
     /// Seconds a read keeps retrying a failed fetch before it fails with EIO.

@@ -2,7 +2,7 @@
 //! `--foreground`) and umount.
 
 use super::registry::{client, Bars};
-use super::{MountArgs, PrefetchArg, StatsArgs, UmountArgs};
+use super::{DaemonArgs, MountArgs, PrefetchArg, StatsArgs, UmountArgs};
 use crate::daemon::client::DaemonClient;
 use crate::daemon::protocol::{MountSpec, PrefetchSpec, RegistrySettings, Reply, Request};
 use crate::fs::lazy::open_disk_cache;
@@ -42,7 +42,8 @@ pub fn mount(root: &Path, args: &MountArgs) -> Result<()> {
     if args.no_daemon {
         return spawn_server(&store, root, args);
     }
-    let mut client = super::daemon::connect_or_start(root)?;
+    let settings = DaemonArgs::for_autostart(args.cache_mem, args.cache_size);
+    let mut client = super::daemon::connect_or_start(root, &settings)?;
     client
         .call(Request::Mount(Box::new(spec)))
         .with_context(|| format!("mounting {} at {}", args.reference, args.mountpoint.display()))?;

@@ -36,6 +36,7 @@ pub fn daemon(root: &Path, args: &DaemonArgs) -> Result<()> {
         None if args.foreground => {
             Store::open(root)?;
             std::fs::create_dir_all(&paths.state)?;
+            paths.record_socket()?;
             let code = keeper::run(&paths.socket, &paths.keeper_pid(), daemon_argv(root, args))?;
             std::process::exit(code)
         }

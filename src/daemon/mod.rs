@@ -82,6 +82,11 @@ impl DaemonPaths {
     /// socket is `rmount.sock` in the runtime directory (`/run/rmount` as
     /// root, `$XDG_RUNTIME_DIR/rmount` otherwise); another store's has the
     /// store's hash in its name, so each store has its own daemon.
+    ///
+    /// A running (or last run) daemon's socket, recorded in
+    /// `ROOT/daemon/socket`, wins: a caller whose own runtime directory
+    /// differs (another user) still finds the store's daemon, and is then
+    /// refused by its socket's permissions rather than told nothing runs.
     pub fn for_root(root: &Path, default_root: &Path) -> Self {
         let runtime = match rustix::process::geteuid().is_root() {
             true => Some(PathBuf::from("/run/rmount")),
@@ -96,7 +101,18 @@ impl DaemonPaths {
                 format!("rmount-{}.sock", &hash.hex()[..12])
             }
         };
-        Self { socket: runtime.join(name), state }
+        let recorded = std::fs::read_to_string(state.join("socket")).ok();
+        let socket =
+            recorded.map(|text| PathBuf::from(text.trim_end())).filter(|p| p.is_absolute());
+        Self { socket: socket.unwrap_or_else(|| runtime.join(name)), state }
+    }
+
+    /// Records the socket a daemon listens on (see [`DaemonPaths::for_root`]).
+    pub fn record_socket(&self) -> Result<(), DaemonError> {
+        let file = self.state.join("socket");
+        let text = self.socket.as_os_str().as_encoded_bytes();
+        crate::durable::write_atomic(&file, text)
+            .map_err(DaemonError::io(format!("writing {}", file.display())))
     }
 
     /// Durable mount records.

@@ -754,6 +754,62 @@ fn sigterm_unmounts_and_the_next_start_mounts_again() {
     daemon.umount(&ro);
 }
 
+/// Both processes killed (a crash, the OOM killer): the mounts answer
+/// `ENOTCONN` until the next start, which mounts them again at the same
+/// paths from the durable records, also when their roots were stat'ed
+/// before (the kernel then answers `stat` from its cache, dead or not).
+#[test]
+fn kill_9_of_keeper_and_worker_then_the_next_start_mounts_again() {
+    if !require_root_fuse(&["chroot", "umount"]) {
+        return;
+    }
+    let tmp = tempdir();
+    let daemon = Daemon::new(tmp.path());
+    if !load_debian(tmp.path(), &daemon) {
+        return;
+    }
+    let (rw, ro) = (tmp.path().join("rw"), tmp.path().join("ro"));
+    daemon.mount(DEBIAN_REF, &rw, false);
+    daemon.mount(DEBIAN_REF, &ro, true);
+    chroot_sh(&rw, "echo kept > /etc/kept && sync /etc/kept");
+    for mnt in [&rw, &ro] {
+        assert!(std::fs::metadata(mnt).unwrap().is_dir());
+    }
+    let entries: Vec<Value> = [&rw, &ro].iter().map(|m| daemon.ps_entry(m).unwrap()).collect();
+    let pong = daemon.pong();
+    kill(pong.keeper_pid, rustix::process::Signal::KILL);
+    kill(pong.pid, rustix::process::Signal::KILL);
+    assert!(wait_gone(pong.keeper_pid, Duration::from_secs(5)));
+    assert!(wait_gone(pong.pid, Duration::from_secs(5)));
+    for mnt in [&rw, &ro] {
+        let dead = open_in_root(mnt, "etc/os-release").unwrap_err();
+        assert_eq!(dead.raw_os_error(), Some(libc::ENOTCONN), "{}: {dead}", mnt.display());
+    }
+
+    daemon.ok(&["daemon"]);
+    for (mnt, before) in [&rw, &ro].iter().zip(&entries) {
+        let now = daemon.ps_entry(mnt).unwrap_or_else(|| {
+            panic!("{} is not served again after the crash\n{}", mnt.display(), daemon.log_tail())
+        });
+        for key in ["mountpoint", "reference", "readOnly", "upper", "mountedAt"] {
+            assert_eq!(now[key], before[key], "{key} of {}", mnt.display());
+        }
+    }
+    assert_eq!(chroot_sh(&rw, "cat /etc/kept"), "kept\n");
+    assert!(chroot_sh(&ro, "cat /etc/os-release").contains("Debian"));
+    let points = mountinfo_points();
+    for mnt in [&rw, &ro] {
+        assert_eq!(
+            points.iter().filter(|p| *p == mnt).count(),
+            1,
+            "{} in mountinfo",
+            mnt.display()
+        );
+    }
+    daemon.umount(&rw);
+    daemon.umount(&ro);
+}
+
 // ---------------------------------------------------------------------------
 // The control socket
 

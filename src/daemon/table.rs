@@ -8,7 +8,7 @@ use super::protocol::{ErrorKind, MountInfo, MountSpec};
 use super::{DaemonError, DaemonPaths};
 use crate::cache::DiskCache;
 use crate::fs::metrics::FsMetrics;
-use crate::fs::mount::{canonical_dir, detach, discard_changes};
+use crate::fs::mount::{canonical_dir, detach, discard_changes, is_rmount_mount};
 use crate::fs::{Connection, LayerPool, Mount, MountOptions, Overlay, Server};
 use crate::store::Store;
 use rustix::fd::OwnedFd;
@@ -415,12 +415,14 @@ impl Daemon {
     }
 }
 
-/// A mountpoint whose server died answers `ENOTCONN`; detach it so it can
-/// be mounted again.
+/// Detaches what is left at `mountpoint` of a mount whose server died (it
+/// answers `ENOTCONN`, though the kernel may still answer a `stat` of its
+/// root from its cache, so mountinfo decides), so it can be mounted again.
 fn clear_dead_mount(mountpoint: &Path) {
-    if let Err(e) = std::fs::metadata(mountpoint) {
-        if e.raw_os_error() == Some(libc::ENOTCONN) {
-            let _ = detach(mountpoint, true);
+    while is_rmount_mount(mountpoint) {
+        if let Err(e) = detach(mountpoint, true) {
+            tracing::warn!(mountpoint = %mountpoint.display(), error = %e, "cannot detach a dead mount");
+            return;
         }
     }
 }

@@ -41,6 +41,8 @@ pub struct Daemon {
     scope: PathBuf,
     /// Every keeper and worker pid a status reply named.
     seen: Mutex<Vec<u32>>,
+    /// The control socket a status reply named.
+    socket: Mutex<Option<PathBuf>>,
 }
 
 impl Daemon {
@@ -57,6 +59,7 @@ impl Daemon {
             bin: bin.to_path_buf(),
             scope: scope.to_path_buf(),
             seen: Mutex::new(Vec::new()),
+            socket: Mutex::new(None),
         }
     }
 
@@ -106,6 +109,7 @@ impl Daemon {
         };
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
         seen.extend([pong.pid, pong.keeper_pid]);
+        *self.socket.lock().unwrap_or_else(|p| p.into_inner()) = Some(pong.socket.clone());
         Some(pong)
     }
 
@@ -215,6 +219,13 @@ impl Drop for Daemon {
                 eprintln!("cleanup: daemon process {pid} outlived `daemon stop`; killing it");
                 let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
             }
+        }
+        // A stopped daemon's socket file is litter in /run/rmount
+        // (tests/daemon.rs checks that `daemon stop` removes it).
+        let socket = self.socket.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some(socket) = socket.filter(|s| std::os::unix::net::UnixStream::connect(s).is_err())
+        {
+            let _ = std::fs::remove_file(socket);
         }
         let mut left = self.mounts_in_scope();
         left.sort_by_key(|m| std::cmp::Reverse(m.components().count()));

@@ -6,17 +6,20 @@
 //!   uncompressed tops), mounted in parallel from no daemon, read-only and
 //!   writable: `ps` lists them, one daemon serves them, the base blob is
 //!   opened once, every file of every mount reads right from ten threads at
-//!   once, and a parallel unmount leaves no mount and no record;
+//!   once, writes land in each writable mount's own upper, a parallel
+//!   unmount (one with `--discard`) leaves no mount and no record, and
+//!   `daemon stop` ends both processes and removes the socket;
 //! * `kill -9` of the worker, twice: a reader holding a file open and
-//!   reading past the page cache sees no error and right bytes, a new worker
-//!   answers within 2 s, and an fsynced file is intact in the upper and in
-//!   the mount;
+//!   reading past the page cache sees no error and right bytes, a shell
+//!   loop in a chroot never fails, a new worker answers within 2 s, and an
+//!   fsynced file is intact in the upper and in the mount;
 //! * `daemon restart` after replacing the binary (an upgrade), and `daemon
 //!   stop --keep-mounts` then `daemon`, while a shell loop in a chroot of
 //!   the mount runs programs: the loop never fails, the keeper keeps its
 //!   pid, the worker is new;
-//! * SIGTERM to the keeper unmounts everything and keeps the upper and the
-//!   records; the next `rmount daemon` mounts them again at the same paths;
+//! * SIGTERM to the keeper unmounts everything (a busy mount too) and keeps
+//!   the upper and the records; the next `rmount daemon` mounts them again
+//!   at the same paths; so does it after `kill -9` of both processes;
 //! * the control socket is mode 0600, other users get "permission denied"
 //!   (and "forbidden" past the file mode), and malformed, versionless,
 //!   future-version and oversized requests get error replies or a closed

@@ -169,7 +169,11 @@ pub fn run(socket_path: &Path, pid_file: &Path, args: Vec<OsString>) -> Result<i
     loop {
         let (code, worker) = keeper.run_worker(&events, &inbox)?;
         match code {
-            Some(0) => return Ok(0),
+            Some(0) => {
+                // Stopped: nobody listens on the socket any more.
+                let _ = std::fs::remove_file(&keeper.socket_path);
+                return Ok(0);
+            }
             Some(EXIT_RESTART) => return Err(keeper.exec_self()),
             Some(EXIT_PARK) => {
                 keeper.park(&inbox);
@@ -181,6 +185,7 @@ pub fn run(socket_path: &Path, pid_file: &Path, args: Vec<OsString>) -> Result<i
                 tracing::error!(pid = worker, status = ?code, mounts = keeper.mounts.len(), "the daemon's worker died; starting a new one");
                 if crashes.len() > MAX_CRASHES {
                     tracing::error!("the worker died {MAX_CRASHES} times in a minute; giving up (the mounts end)");
+                    let _ = std::fs::remove_file(&keeper.socket_path);
                     return Ok(1);
                 }
             }

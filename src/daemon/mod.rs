@@ -32,12 +32,13 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// A file or socket operation failed.
-    #[error("{what}: {source}")]
+    #[error("{what}: {cause}")]
     Io {
         /// What was being done.
         what: String,
-        /// The cause.
-        source: std::io::Error,
+        /// The cause (part of the message, so not also a `source`, which
+        /// would print it twice in an error chain).
+        cause: std::io::Error,
     },
     /// No daemon answers at the socket.
     #[error("no rmount daemon answers at {0} (start one with `rmount daemon`)")]
@@ -64,7 +65,7 @@ pub enum DaemonError {
 impl DaemonError {
     fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DaemonError {
         let what = what.into();
-        move |source| DaemonError::Io { what, source }
+        move |cause| DaemonError::Io { what, cause }
     }
 }
 

@@ -92,7 +92,12 @@ impl Context {
     fn serve(&self, stream: UnixStream, owner: rustix::process::Uid) -> std::io::Result<()> {
         let mut writer = stream.try_clone()?;
         let peer = rustix::net::sockopt::socket_peercred(&stream)?;
+        let mut reader = BufReader::new(stream);
         if !(peer.uid.is_root() || peer.uid == owner) {
+            // Read the request first: a client that is still writing when
+            // the connection closes would see EPIPE, not this answer.
+            reader.get_ref().set_read_timeout(Some(Duration::from_secs(5)))?;
+            let _ = (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut Vec::new());
             let outcome = Outcome::Error {
                 kind: ErrorKind::Forbidden,
                 message: format!("uid {} may not use this daemon", peer.uid.as_raw()),
@@ -100,7 +105,6 @@ impl Context {
             return writer
                 .write_all(&encode(&ResponseEnvelope { version: PROTOCOL_VERSION, outcome }));
         }
-        let mut reader = BufReader::new(stream);
         loop {
             let mut line = Vec::new();
             let read = (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut line)?;

@@ -3,7 +3,7 @@
 # Runs `apt-get update` once, and only when something is missing.
 set -euo pipefail
 
-PACKAGES=(fuse3 fuse-overlayfs skopeo umoci mmdebstrap hyperfine attr zstd xz-utils docker-registry apache2-utils openssl curl containerd stargz-snapshotter)
+PACKAGES=(fuse3 fuse-overlayfs passwd util-linux skopeo umoci mmdebstrap hyperfine attr zstd xz-utils docker-registry apache2-utils openssl curl containerd stargz-snapshotter)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -37,6 +37,12 @@ pub enum FsError {
     /// A write on the read-only mount.
     #[error("read-only file system")]
     ReadOnly,
+    /// `ESTALE`: the inode the kernel names (one a previous server handed
+    /// out) does not exist any more. The kernel answers a path walk that
+    /// meets it by walking again and revalidating every name
+    /// (`LOOKUP_REVAL`), learning the current inodes.
+    #[error("stale file handle")]
+    Stale,
     /// Reading layer data failed.
     #[error(transparent)]
     Layer(#[from] LayerError),
@@ -65,6 +71,7 @@ impl FsError {
             FsError::NoAttr => Errno::NO_XATTR,
             FsError::Range => Errno::ERANGE,
             FsError::ReadOnly => Errno::EROFS,
+            FsError::Stale => Errno::ESTALE,
             FsError::Layer(e) => {
                 tracing::error!("{e}");
                 Errno::EIO

@@ -71,7 +71,7 @@ impl ImageFs {
     /// one of this image's, not even in a process that served the
     /// connection before this one: `ESTALE`.
     fn node(&self, ino: u64) -> Result<&Node, FsError> {
-        self.tree.node(ino).ok_or_else(stale)
+        self.tree.node(ino).ok_or(FsError::Stale)
     }
 
     /// `stat` of inode `ino`.
@@ -217,20 +217,6 @@ impl ImageFs {
             .map(|(i, (child, name))| (i as u64 + 1, child, name))
             .collect())
     }
-}
-
-/// `ESTALE`: the inode the kernel names does not exist (any more). The
-/// kernel answers a path walk that meets it by walking again and
-/// revalidating every name (`LOOKUP_REVAL`), learning the current inodes.
-/// (An `Io` error carrying the errno, as `FsError` has no variant of its
-/// own for it.)
-pub(crate) fn stale() -> FsError {
-    FsError::Io(std::io::Error::from_raw_os_error(libc::ESTALE))
-}
-
-/// Is `e` [`stale`]?
-pub(crate) fn is_stale(e: &FsError) -> bool {
-    matches!(e, FsError::Io(io) if io.raw_os_error() == Some(libc::ESTALE))
 }
 
 fn reply_xattr(value: Result<&[u8], FsError>, size: u32, reply: ReplyXattr) {

@@ -34,14 +34,11 @@
 
 use super::{Overlay, State, SPARE_INOS};
 use crate::fs::error::FsError;
-use crate::fs::fuse::stale;
 use crate::fs::union::ROOT_INO;
 use crate::sys::upper::{is_whiteout, Dir};
 use rustix::fs::Stat;
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
-
-pub(super) use crate::fs::fuse::is_stale;
 
 /// An upper entry met by [`Overlay::walk_upper`].
 struct Met<'a> {
@@ -78,7 +75,7 @@ impl Overlay {
     /// root as the kernel would have; `ESTALE` if it no longer exists.
     pub(super) fn resolve_unknown(&self, st: &mut State, ino: u64) -> Result<(), FsError> {
         if st.gone.contains(&ino) {
-            return Err(stale());
+            return Err(FsError::Stale);
         }
         let found = if ino < self.upper_base {
             self.find_lower(st, ino)?
@@ -93,7 +90,7 @@ impl Overlay {
         } else {
             tracing::debug!(ino, "an inode of the previous process is gone");
             st.gone.insert(ino);
-            Err(stale())
+            Err(FsError::Stale)
         }
     }
 

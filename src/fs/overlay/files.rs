@@ -10,7 +10,7 @@
 //! a no-op.
 
 use super::copy_up::Content;
-use super::{adopt, attr_of, Overlay, State, Upper};
+use super::{attr_of, Overlay, State, Upper};
 use crate::fs::error::FsError;
 use crate::fs::ImageFs;
 use crate::sys::upper::SetTime;
@@ -350,7 +350,9 @@ impl Overlay {
         let mut st = match self.lock_known(&[ino]) {
             Ok(st) => st,
             // Gone, but this process may have it open.
-            Err(e) if adopt::is_stale(&e) && fh.is_some_and(|fh| self.handles.knows(fh)) => {
+            Err(e)
+                if matches!(e, FsError::Stale) && fh.is_some_and(|fh| self.handles.knows(fh)) =>
+            {
                 return self.set_attr_unlinked(ino, fh, set)
             }
             Err(e) => return Err(e),

@@ -596,7 +596,7 @@ impl Overlay {
             Err(FsError::NotFound) => self.handles.attr_of_open(ino, fh, &self.lower),
             // Unknown and gone: only a handle this process opened could
             // still know it.
-            Err(e) if adopt::is_stale(&e) => {
+            Err(e) if matches!(e, FsError::Stale) => {
                 self.handles.attr_of_open(ino, fh, &self.lower).map_err(|_| e)
             }
             other => other,

@@ -705,19 +705,42 @@ fn restart_keeps_a_chroot_loop_running() {
 // ---------------------------------------------------------------------------
 // SIGTERM and the next start
 
+/// A daemon serving the Debian image twice under `tmp`: writable at `rw`,
+/// read-only at `ro` (`None`: no Debian image here, reported by the loader).
+fn debian_rw_and_ro(tmp: &Path) -> Option<(Daemon, PathBuf, PathBuf)> {
+    let daemon = Daemon::new(tmp);
+    if !load_debian(tmp, &daemon) {
+        return None;
+    }
+    let (rw, ro) = (tmp.join("rw"), tmp.join("ro"));
+    daemon.mount(DEBIAN_REF, &rw, false);
+    daemon.mount(DEBIAN_REF, &ro, true);
+    Some((daemon, rw, ro))
+}
+
+/// Each of `mounts` is listed as it was (`before`, from `ps`) and mounted
+/// exactly once (nothing left over from the previous daemon beneath it).
+fn assert_served_again(daemon: &Daemon, mounts: &[&PathBuf], before: &[Value]) {
+    let points = mountinfo_points();
+    for (mnt, before) in mounts.iter().zip(before) {
+        let now = daemon.ps_entry(mnt).unwrap_or_else(|| {
+            panic!("{} is not served again\n{}", mnt.display(), daemon.log_tail())
+        });
+        for key in ["mountpoint", "reference", "imageId", "readOnly", "upper", "mountedAt"] {
+            assert_eq!(now[key], before[key], "{key} of {}", mnt.display());
+        }
+        let times = points.iter().filter(|p| p == mnt).count();
+        assert_eq!(times, 1, "{} in mountinfo", mnt.display());
+    }
+}
+
 #[test]
 fn sigterm_unmounts_and_the_next_start_mounts_again() {
     if !require_root_fuse(&["chroot", "umount"]) {
         return;
     }
     let tmp = tempdir();
-    let daemon = Daemon::new(tmp.path());
-    if !load_debian(tmp.path(), &daemon) {
-        return;
-    }
-    let (rw, ro) = (tmp.path().join("rw"), tmp.path().join("ro"));
-    daemon.mount(DEBIAN_REF, &rw, false);
-    daemon.mount(DEBIAN_REF, &ro, true);
+    let Some((daemon, rw, ro)) = debian_rw_and_ro(tmp.path()) else { return };
     chroot_sh(&rw, "echo kept > /etc/kept && rm /data/small.txt && sync /etc/kept");
     let entries: Vec<Value> = [&rw, &ro].iter().map(|m| daemon.ps_entry(m).unwrap()).collect();
     let upper = PathBuf::from(entries[0]["upper"].as_str().unwrap());
@@ -742,13 +765,7 @@ fn sigterm_unmounts_and_the_next_start_mounts_again() {
     daemon.ok(&["daemon"]);
     let again = daemon.pong();
     assert_ne!(again.keeper_pid, pong.keeper_pid);
-    for (mnt, before) in [&rw, &ro].iter().zip(&entries) {
-        let now = daemon.ps_entry(mnt).unwrap_or_else(|| panic!("{} not in ps", mnt.display()));
-        for key in ["mountpoint", "reference", "imageId", "readOnly", "upper", "mountedAt"] {
-            assert_eq!(now[key], before[key], "{key} of {}", mnt.display());
-        }
-    }
-    assert!(mountinfo_points().contains(&rw) && mountinfo_points().contains(&ro));
+    assert_served_again(&daemon, &[&rw, &ro], &entries);
     assert_eq!(
         chroot_sh(&rw, "cat /etc/kept; test ! -e /data/small.txt && echo gone"),
         "kept\ngone\n"
@@ -773,13 +790,7 @@ fn kill_9_of_keeper_and_worker_then_the_next_start_mounts_again() {
         return;
     }
     let tmp = tempdir();
-    let daemon = Daemon::new(tmp.path());
-    if !load_debian(tmp.path(), &daemon) {
-        return;
-    }
-    let (rw, ro) = (tmp.path().join("rw"), tmp.path().join("ro"));
-    daemon.mount(DEBIAN_REF, &rw, false);
-    daemon.mount(DEBIAN_REF, &ro, true);
+    let Some((daemon, rw, ro)) = debian_rw_and_ro(tmp.path()) else { return };
     chroot_sh(&rw, "echo kept > /etc/kept && sync /etc/kept");
     for mnt in [&rw, &ro] {
         assert!(std::fs::metadata(mnt).unwrap().is_dir());
@@ -802,25 +813,9 @@ fn kill_9_of_keeper_and_worker_then_the_next_start_mounts_again() {
     }
 
     daemon.ok(&["daemon"]);
-    for (mnt, before) in [&rw, &ro].iter().zip(&entries) {
-        let now = daemon.ps_entry(mnt).unwrap_or_else(|| {
-            panic!("{} is not served again after the crash\n{}", mnt.display(), daemon.log_tail())
-        });
-        for key in ["mountpoint", "reference", "readOnly", "upper", "mountedAt"] {
-            assert_eq!(now[key], before[key], "{key} of {}", mnt.display());
-        }
-    }
+    assert_served_again(&daemon, &[&rw, &ro], &entries);
     assert_eq!(chroot_sh(&rw, "cat /etc/kept"), "kept\n");
     assert!(chroot_sh(&ro, "cat /etc/os-release").contains("Debian"));
-    let points = mountinfo_points();
-    for mnt in [&rw, &ro] {
-        assert_eq!(
-            points.iter().filter(|p| *p == mnt).count(),
-            1,
-            "{} in mountinfo",
-            mnt.display()
-        );
-    }
     daemon.umount(&rw);
     daemon.umount(&ro);
 }

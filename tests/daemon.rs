@@ -797,8 +797,10 @@ fn kill_9_of_keeper_and_worker_then_the_next_start_mounts_again() {
     }
     let entries: Vec<Value> = [&rw, &ro].iter().map(|m| daemon.ps_entry(m).unwrap()).collect();
     let pong = daemon.pong();
-    kill(pong.keeper_pid, rustix::process::Signal::KILL);
-    kill(pong.pid, rustix::process::Signal::KILL);
+    // Both at once (their process group): a worker that outlived its
+    // keeper would hand the mounts to a new keeper.
+    let group = rustix::process::Pid::from_raw(pong.keeper_pid as i32).unwrap();
+    rustix::process::kill_process_group(group, rustix::process::Signal::KILL).unwrap();
     assert!(wait_gone(pong.keeper_pid, Duration::from_secs(5)));
     assert!(wait_gone(pong.pid, Duration::from_secs(5)));
     for mnt in [&rw, &ro] {
@@ -815,6 +817,36 @@ fn kill_9_of_keeper_and_worker_then_the_next_start_mounts_again() {
     daemon.ok(&["daemon"]);
     assert_served_again(&daemon, &[&rw, &ro], &entries);
     assert_eq!(chroot_sh(&rw, "cat /etc/kept"), "kept\n");
+    assert!(chroot_sh(&ro, "cat /etc/os-release").contains("Debian"));
+    daemon.umount(&rw);
+    daemon.umount(&ro);
+}
+
+/// The keeper killed: the worker hands the mounts to a new keeper and
+/// leaves; reads never fail, and the new keeper protects them again (a
+/// `kill -9` of its worker breaks nothing either).
+#[test]
+fn kill_9_of_the_keeper_gets_a_new_keeper() {
+    if !require_root_fuse(&["chroot", "umount"]) {
+        return;
+    }
+    let tmp = tempdir();
+    let Some((daemon, rw, ro)) = debian_rw_and_ro(tmp.path()) else { return };
+    let entries: Vec<Value> = [&rw, &ro].iter().map(|m| daemon.ps_entry(m).unwrap()).collect();
+    let looping = Loop::start(&rw);
+    let first = daemon.pong();
+    kill(first.keeper_pid, rustix::process::Signal::KILL);
+    let second = daemon.wait_new_worker(first.pid, Duration::from_secs(5));
+    assert_ne!(second.keeper_pid, first.keeper_pid, "a new keeper");
+    assert!(wait_gone(first.pid, Duration::from_secs(5)), "the orphaned worker left");
+    let rounds = looping.rounds();
+    kill(second.pid, rustix::process::Signal::KILL);
+    let third = daemon.wait_new_worker(second.pid, Duration::from_secs(5));
+    assert_eq!(third.keeper_pid, second.keeper_pid, "the new keeper restarted its worker");
+    looping.wait_rounds(rounds + 30);
+    let (status, output) = looping.finish();
+    assert!(status.success() && !output.contains("FAIL"), "the loop ({status}):\n{output}");
+    assert_served_again(&daemon, &[&rw, &ro], &entries);
     assert!(chroot_sh(&ro, "cat /etc/os-release").contains("Debian"));
     daemon.umount(&rw);
     daemon.umount(&ro);

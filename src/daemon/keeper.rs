@@ -99,6 +99,18 @@ impl KeeperLink {
         Ok(Self { socket })
     }
 
+    /// Blocks until the keeper's end closes: the keeper never writes, so
+    /// that means it died (the worker outlives it only then).
+    pub fn wait_keeper_gone(&self) {
+        loop {
+            match recv_with_fd(self.socket.as_fd()) {
+                Ok((payload, _)) if payload.is_empty() => return,
+                Err(e) if e.kind() != std::io::ErrorKind::Interrupted => return,
+                _ => {}
+            }
+        }
+    }
+
     /// Asks the keeper to hold `device` for the mount `key`.
     pub fn hold(
         &self,
@@ -287,22 +299,12 @@ impl Keeper {
         fds
     }
 
-    /// Spawns `command` with our fds inherited (the keeper has no other
-    /// thread that could spawn meanwhile and leak them).
     fn spawn_inheriting(
         &self,
         command: &mut Command,
         extra: Option<BorrowedFd<'_>>,
     ) -> Result<std::process::Child, DaemonError> {
-        let fds = self.inheritable(extra);
-        for fd in &fds {
-            inherit_across_exec(*fd).map_err(DaemonError::io("passing fds on"))?;
-        }
-        let child = command.spawn().map_err(DaemonError::io("starting the daemon's worker"));
-        for fd in &fds {
-            let _ = rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC);
-        }
-        child
+        spawn_with_fds(command, &self.inheritable(extra))
     }
 
     /// Holds the mounts with no worker and no control socket until
@@ -338,6 +340,56 @@ impl Keeper {
             .exec();
         DaemonError::io(format!("re-executing {}", self.exe.display()))(error)
     }
+}
+
+/// Spawns `command` with `fds` inherited. They are inheritable only for
+/// the moment of the spawn; a process spawned meanwhile by another thread
+/// could inherit them too (the keeper spawns from one thread; the worker
+/// only when its keeper is gone).
+fn spawn_with_fds(
+    command: &mut Command,
+    fds: &[BorrowedFd<'_>],
+) -> Result<std::process::Child, DaemonError> {
+    for fd in fds {
+        inherit_across_exec(*fd).map_err(DaemonError::io("passing fds on"))?;
+    }
+    let child = command.spawn().map_err(DaemonError::io("starting a daemon process"));
+    for fd in fds {
+        let _ = rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::CLOEXEC);
+    }
+    child
+}
+
+/// Starts a new keeper holding `control` and `mounts` (its worker adopts
+/// them): what a worker does when its keeper died, so that its own death
+/// cannot take the mounts down afterwards. `args` start the keeper.
+pub fn start_keeper(
+    args: &[OsString],
+    control: BorrowedFd<'_>,
+    mounts: &[(String, PathBuf, BorrowedFd<'_>)],
+) -> Result<(), DaemonError> {
+    let handoff = Handoff {
+        control: Some(control.as_raw_fd()),
+        link: None,
+        keeper_pid: 0,
+        mounts: mounts
+            .iter()
+            .map(|(key, mountpoint, fd)| HeldMount {
+                key: key.clone(),
+                mountpoint: mountpoint.clone(),
+                fd: fd.as_raw_fd(),
+            })
+            .collect(),
+    };
+    let mut command = Command::new(current_binary());
+    command
+        .args(args)
+        .env(HANDOFF_ENV, serde_json::to_string(&handoff).unwrap_or_default())
+        .stdin(std::process::Stdio::null())
+        .process_group(0);
+    let mut fds: Vec<BorrowedFd<'_>> = mounts.iter().map(|(_, _, fd)| *fd).collect();
+    fds.push(control);
+    spawn_with_fds(&mut command, &fds).map(drop)
 }
 
 /// Where our binary is now: `/proc/self/exe` names the file we started

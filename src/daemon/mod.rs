@@ -8,7 +8,8 @@
 //!   socket's listening fd and a duplicate of every mount's `/dev/fuse` fd,
 //!   which keeps each FUSE connection alive whatever happens to the worker.
 //!   It starts the worker, starts it again if it dies, and re-executes
-//!   itself (same PID, new binary) for an upgrade;
+//!   itself (same PID, new binary) for an upgrade. A worker whose keeper
+//!   died starts a new keeper with every fd and leaves;
 //! * the **worker** ([`table`], [`server`]) does the work: it answers the
 //!   control socket ([`protocol`]), serves every mount, and on start adopts
 //!   the connections the keeper hands it, asking the kernel to resend the

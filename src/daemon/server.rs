@@ -1,7 +1,7 @@
 //! The worker's main loop: adopt the mounts, then answer the control
 //! socket, one thread per connection.
 
-use super::keeper::{Handoff, KeeperLink, EXIT_PARK, EXIT_RESTART};
+use super::keeper::{start_keeper, Handoff, KeeperLink, EXIT_PARK, EXIT_RESTART};
 use super::metrics::MetricsEndpoint;
 use super::protocol::{
     decode_request, encode, ErrorKind, Outcome, Reply, Request, ResponseEnvelope, MAX_LINE,
@@ -11,6 +11,7 @@ use super::table::{Daemon, DaemonOptions};
 use super::{DaemonError, DaemonPaths};
 use crate::store::Store;
 use crate::sys::fuse_takeover::inherited_fd;
+use rustix::fd::AsFd;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::Arc;
@@ -54,6 +55,12 @@ pub fn run_worker(
     };
     tracing::info!(mounts = daemon.list().len(), "daemon worker ready");
     on_signals(daemon.clone());
+    let orphan = daemon.clone();
+    let control = listener.try_clone().map_err(DaemonError::io("the control socket"))?;
+    std::thread::spawn(move || {
+        orphan.wait_keeper_gone();
+        rehome(&orphan, &control);
+    });
     let reaper = daemon.clone();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(500));
@@ -194,6 +201,25 @@ impl Context {
             Request::Stop { keep_mounts: true } => (ok(Reply::Stopping), After::Exit(EXIT_PARK)),
             Request::Restart => (ok(Reply::Stopping), After::Exit(EXIT_RESTART)),
         }
+    }
+}
+
+/// The keeper died: nothing else holds the mounts' fds, so our own death
+/// would end them. Start a new keeper with every fd and leave; its worker
+/// adopts the mounts as after a restart.
+fn rehome(daemon: &Daemon, control: &UnixListener) {
+    tracing::error!("the daemon's keeper died; handing the mounts to a new one");
+    let devices = daemon.devices();
+    let mounts: Vec<_> = devices
+        .iter()
+        .map(|(key, mountpoint, fd)| (key.clone(), mountpoint.clone(), fd.as_fd()))
+        .collect();
+    // Our own arguments without `--worker` start a keeper.
+    let args: Vec<std::ffi::OsString> =
+        std::env::args_os().skip(1).filter(|arg| arg != "--worker").collect();
+    match start_keeper(&args, control.as_fd(), &mounts) {
+        Ok(()) => std::process::exit(0),
+        Err(e) => tracing::error!("cannot start a new keeper ({e}); serving on without one"),
     }
 }
 

@@ -237,6 +237,25 @@ impl Daemon {
         self.pool.prune();
     }
 
+    /// Blocks until the keeper is gone (see [`KeeperLink::wait_keeper_gone`]).
+    pub fn wait_keeper_gone(&self) {
+        self.link.wait_keeper_gone()
+    }
+
+    /// Duplicates of every mount's `/dev/fuse` fd, with its key and
+    /// mountpoint: what a new keeper must hold.
+    pub fn devices(&self) -> Vec<(String, PathBuf, OwnedFd)> {
+        self.lock()
+            .live
+            .values()
+            .filter_map(|live| {
+                let mountpoint = live.spec.mountpoint.clone();
+                let fd = live.mount.device().try_clone_to_owned().ok()?;
+                Some((Store::mount_key(&mountpoint), mountpoint, fd))
+            })
+            .collect()
+    }
+
     /// Every mount, sorted by mountpoint.
     pub fn list(&self) -> Vec<MountInfo> {
         self.lock().live.values().map(|live| self.info(live)).collect()

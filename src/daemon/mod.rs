@@ -24,6 +24,7 @@ pub mod keeper;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
+pub mod systemd;
 pub mod table;
 
 use crate::digest::Digest;

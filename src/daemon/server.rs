@@ -54,6 +54,7 @@ pub fn run_worker(
         None => None,
     };
     tracing::info!(mounts = daemon.list().len(), "daemon worker ready");
+    super::systemd::notify_ready(handoff.keeper_pid);
     on_signals(daemon.clone());
     let orphan = daemon.clone();
     let control = listener.try_clone().map_err(DaemonError::io("the control socket"))?;

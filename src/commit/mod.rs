@@ -98,12 +98,13 @@ pub struct Source {
 }
 
 /// What keeps a live mount still while its upper is read.
+/// Each variant is held for its `Drop`.
 enum Hold {
     /// Its own serving process, stopped.
-    Process(#[allow(dead_code)] Pause),
+    Process { _stopped: Pause },
     /// A daemon's mount, frozen while this connection stays open (the
     /// daemon resumes it however we exit).
-    Daemon(#[allow(dead_code)] crate::daemon::client::DaemonClient),
+    Daemon { _lease: crate::daemon::client::DaemonClient },
 }
 
 fn pause_through_daemon(
@@ -148,11 +149,11 @@ impl Source {
                 .join(&upper),
         };
         let pause = match &record.daemon {
-            Some(socket) => Hold::Daemon(pause_through_daemon(socket, mountpoint)?),
-            None => Hold::Process(
-                Pause::stop(record.pid)
+            Some(socket) => Hold::Daemon { _lease: pause_through_daemon(socket, mountpoint)? },
+            None => Hold::Process {
+                _stopped: Pause::stop(record.pid)
                     .map_err(|source| CommitError::Pause { pid: record.pid, source })?,
-            ),
+            },
         };
         let dir = Dir::open(&upper)
             .map_err(|source| CommitError::Upper { path: upper.clone(), source })?;

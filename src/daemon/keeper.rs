@@ -226,12 +226,11 @@ impl Keeper {
             .args(&self.args)
             .arg("--worker")
             .env(HANDOFF_ENV, serde_json::to_string(&handoff).unwrap_or_default());
-        let child = self.spawn_inheriting(&mut command, Some(theirs.as_fd()))?;
+        let mut child = self.spawn_inheriting(&mut command, Some(theirs.as_fd()))?;
         drop(theirs);
         let pid = child.id();
         spawn_link_reader(ours, events.clone());
         let waiter = events.clone();
-        let mut child = child;
         std::thread::spawn(move || {
             if let Ok(status) = child.wait() {
                 let _ = waiter.send(Event::Exited(status));
@@ -245,10 +244,13 @@ impl Keeper {
                 Event::LinkClosed => link_open = false,
                 Event::Exited(status) => exited = Some(status),
                 Event::Signal(signal) => {
-                    // SIGHUP: restart; SIGTERM/SIGINT: stop. The worker does it.
+                    // SIGHUP: restart; SIGTERM/SIGINT: stop. The worker does
+                    // it. SIGUSR1 only wakes a parked keeper.
+                    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
                     let forward = match signal {
-                        signal_hook::consts::SIGHUP => rustix::process::Signal::USR2,
-                        _ => rustix::process::Signal::TERM,
+                        SIGHUP => rustix::process::Signal::USR2,
+                        SIGTERM | SIGINT => rustix::process::Signal::TERM,
+                        _ => continue,
                     };
                     if let Some(pid) = rustix::process::Pid::from_raw(pid as i32) {
                         let _ = rustix::process::kill_process(pid, forward);

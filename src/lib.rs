@@ -12,6 +12,7 @@
 //! | [`platform`] | `os/arch[/variant]` and choosing a manifest from an index |
 //! | [`registry`] | the OCI Distribution client: auth, manifests, resuming blob downloads, uploads, mirrors |
 //! | [`store`] | the local content-addressed store in OCI image-layout form, archives, GC |
+//! | [`snapshotter`] | the core of a containerd snapshotter: snapshot metadata in redb, overlay/bind mount descriptions |
 //! | [`layer`] | one pass over a layer blob into a [`layer::LayerIndex`]; random access into gzip/zstd/plain blobs |
 //! | [`cache`] | the bounded in-memory LRU of decompressed spans, single-flight |
 //! | [`fs`] | the union tree of a layer stack, the writable overlay over an upper dir, the FUSE adapters, mount/umount |
@@ -35,6 +36,7 @@ pub mod layer;
 pub mod platform;
 pub mod reference;
 pub mod registry;
+pub mod snapshotter;
 pub mod store;
 pub mod sys;
 pub mod transfer;

@@ -164,16 +164,9 @@ fn stop(paths: &DaemonPaths, keep_mounts: bool) -> Result<()> {
     };
     client.call(Request::Stop { keep_mounts })?;
     if !keep_mounts {
-        wait_gone(keeper, Duration::from_secs(30));
+        crate::fs::mount::wait_for_exit(keeper, Duration::from_secs(30));
     }
     Ok(())
-}
-
-fn wait_gone(pid: u32, limit: Duration) {
-    let start = std::time::Instant::now();
-    while crate::store::process_alive(pid) && start.elapsed() < limit {
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Hands every mount to a new daemon process (the binary now installed),

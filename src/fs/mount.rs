@@ -573,7 +573,8 @@ pub fn discard_changes(upper: &Path, work: &Path) -> Result<(), MountError> {
     Ok(())
 }
 
-fn wait_for_exit(pid: u32, limit: Duration) {
+/// Waits up to `limit` for process `pid` to exit.
+pub fn wait_for_exit(pid: u32, limit: Duration) {
     let start = Instant::now();
     while crate::store::process_alive(pid) && start.elapsed() < limit {
         std::thread::sleep(Duration::from_millis(5));

@@ -9,6 +9,7 @@ use super::protocol::{
 };
 use super::table::{Daemon, DaemonOptions};
 use super::{DaemonError, DaemonPaths};
+use crate::fs::Overlay;
 use crate::store::Store;
 use crate::sys::fuse_takeover::inherited_fd;
 use rustix::fd::AsFd;
@@ -91,8 +92,9 @@ struct Context {
 /// What to do once a reply is sent.
 enum After {
     Continue,
-    /// Hold the connection open (a pause lease) until the client closes it.
-    HoldUntilClosed(Box<dyn FnOnce() + Send>),
+    /// Keep this mount frozen until the client closes the connection (a
+    /// pause lease).
+    FreezeUntilClosed(Arc<Overlay>),
     Exit(i32),
 }
 
@@ -123,16 +125,20 @@ impl Context {
                 Ok(request) => self.handle(request),
                 Err(outcome) => (*outcome, After::Continue),
             };
-            writer.write_all(&encode(&ResponseEnvelope { version: PROTOCOL_VERSION, outcome }))?;
+            let reply = encode(&ResponseEnvelope { version: PROTOCOL_VERSION, outcome });
             match after {
-                After::Continue => {}
-                After::HoldUntilClosed(release) => {
-                    let mut rest = Vec::new();
-                    let _ = reader.read_to_end(&mut rest);
-                    release();
+                After::Continue => writer.write_all(&reply)?,
+                After::FreezeUntilClosed(overlay) => {
+                    // Frozen before the client hears so.
+                    let _frozen = overlay.freeze();
+                    writer.write_all(&reply)?;
+                    let _ = reader.read_to_end(&mut Vec::new());
                     return Ok(());
                 }
-                After::Exit(code) => std::process::exit(code),
+                After::Exit(code) => {
+                    writer.write_all(&reply)?;
+                    std::process::exit(code)
+                }
             }
             if line.last() != Some(&b'\n') {
                 // Longer than MAX_LINE: the rest of it is not a request.
@@ -173,17 +179,7 @@ impl Context {
                 After::Continue,
             ),
             Request::Pause { mountpoint } => match self.daemon.overlay(&mountpoint) {
-                Some(overlay) => {
-                    let (paused, release) = std::sync::mpsc::channel::<()>();
-                    let (frozen, is_frozen) = std::sync::mpsc::channel::<()>();
-                    std::thread::spawn(move || {
-                        let _frozen = overlay.freeze();
-                        let _ = frozen.send(());
-                        let _ = release.recv();
-                    });
-                    let _ = is_frozen.recv();
-                    (ok(Reply::Paused), After::HoldUntilClosed(Box::new(move || drop(paused))))
-                }
+                Some(overlay) => (ok(Reply::Paused), After::FreezeUntilClosed(overlay)),
                 None => (
                     Outcome::Error {
                         kind: ErrorKind::NotFound,

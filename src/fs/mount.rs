@@ -297,9 +297,11 @@ impl Mount {
         let clone_fd = server.daemon_socket.is_none();
         let mut config = fuse_config(reference, options.threads, options.upper.is_none(), clone_fd);
         let mut overlay = None;
-        let metered = |fs| Metered::new(fs, options.metrics.clone());
         let (background, device) = match &options.upper {
-            None => launch(metered(fs), &mountpoint, &config, connection)?,
+            None => {
+                let fs = Metered::new(fs, options.metrics.clone());
+                launch(fs, &mountpoint, &config, connection, |_| {})?
+            }
             Some(dirs) => {
                 let upper = Overlay::new(fs, dirs)
                     .map_err(|source| MountError::Upper { path: dirs.upper.clone(), source })?;
@@ -311,9 +313,8 @@ impl Mount {
                     options.metrics.clone(),
                 );
                 let notify = upper.clone();
-                let launched = launch_with(fs, &mountpoint, &config, connection, move |n| {
-                    notify.set_notifier(n)
-                })?;
+                let launched =
+                    launch(fs, &mountpoint, &config, connection, move |n| notify.set_notifier(n))?;
                 overlay = Some(upper);
                 launched
             }
@@ -394,19 +395,10 @@ impl Mount {
     }
 }
 
-/// Starts serving `fs` through `connection`; returns the running session
-/// and a duplicate of its device fd.
+/// Starts serving `fs` through `connection`, handing the session's notifier
+/// to `notifier` before it starts; returns the running session and a
+/// duplicate of its device fd.
 fn launch<FS: fuser::Filesystem + Send + 'static>(
-    fs: FS,
-    mountpoint: &Path,
-    config: &Config,
-    connection: Connection,
-) -> Result<(BackgroundSession, OwnedFd), MountError> {
-    launch_with(fs, mountpoint, config, connection, |_| {})
-}
-
-/// [`launch`], handing the session's notifier to `notifier` before it starts.
-fn launch_with<FS: fuser::Filesystem + Send + 'static>(
     fs: FS,
     mountpoint: &Path,
     config: &Config,

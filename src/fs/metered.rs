@@ -40,7 +40,7 @@ macro_rules! timed {
     ($( $op:ident => fn $name:ident(&self $(, $arg:ident: $ty:ty)* $(,)?); )*) => {
         $(
             fn $name(&self $(, $arg: $ty)*) {
-                let _timer = OpTimer::start(self.metrics.as_ref(), Op::$op);
+                let _timer = OpTimer::start(self.metrics.as_deref(), Op::$op);
                 self.inner.$name($($arg),*)
             }
         )*

@@ -7,7 +7,8 @@
 //! the Prometheus text format.
 //!
 //! The request wrapper (`fs::metered`) holds an `Option<Arc<FsMetrics>>`
-//! and starts an [`OpTimer`] around each handler call; the timer records
+//! and starts an [`OpTimer`] (which borrows it: no reference count per
+//! request) around each handler call; the timer records
 //! when dropped, as the handler returns. So the time recorded is the
 //! handler's: a request answered later from a worker thread counts up to
 //! its hand-off, not up to its reply. With `None` the timer is an empty
@@ -26,7 +27,6 @@
 //! and locks per observation, for a fixed set of 30 × 15 counters).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// A kind of FUSE request, one label value of the op metrics.
@@ -262,37 +262,33 @@ pub struct OpSnapshot {
 /// Times one request from [`start`](Self::start) until it is dropped, and
 /// records it then. Inert when made without metrics.
 #[must_use = "a timer records when dropped; dropping it at once records ~0s"]
-pub struct OpTimer {
-    /// `None`: metrics are off and nothing is recorded.
-    metrics: Option<Arc<FsMetrics>>,
+pub struct OpTimer<'a> {
+    /// Where to record and when the request started; `None`: metrics are
+    /// off and nothing is recorded.
+    recording: Option<(&'a FsMetrics, Instant)>,
     op: Op,
-    /// Set exactly when `metrics` is.
-    started: Option<Instant>,
 }
 
-impl std::fmt::Debug for OpTimer {
+impl std::fmt::Debug for OpTimer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("OpTimer")
             .field("op", &self.op)
-            .field("enabled", &self.metrics.is_some())
+            .field("enabled", &self.recording.is_some())
             .finish()
     }
 }
 
-impl OpTimer {
+impl<'a> OpTimer<'a> {
     /// A timer for `op` recording into `metrics`, or an inert one for
-    /// `None` (no clock read, no reference count).
-    pub fn start(metrics: Option<&Arc<FsMetrics>>, op: Op) -> OpTimer {
-        match metrics {
-            Some(m) => OpTimer { metrics: Some(m.clone()), op, started: Some(Instant::now()) },
-            None => OpTimer { metrics: None, op, started: None },
-        }
+    /// `None` (no clock read). It borrows: a request's handler outlives it.
+    pub fn start(metrics: Option<&'a FsMetrics>, op: Op) -> OpTimer<'a> {
+        OpTimer { recording: metrics.map(|m| (m, Instant::now())), op }
     }
 }
 
-impl Drop for OpTimer {
+impl Drop for OpTimer<'_> {
     fn drop(&mut self) {
-        if let (Some(metrics), Some(started)) = (self.metrics.take(), self.started) {
+        if let Some((metrics, started)) = self.recording {
             metrics.record(self.op, started.elapsed());
         }
     }
@@ -301,6 +297,7 @@ impl Drop for OpTimer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn all_is_in_declaration_order_and_names_are_unique() {
@@ -338,12 +335,12 @@ mod tests {
     fn timer_records_on_drop() {
         let m = Arc::new(FsMetrics::new());
         {
-            let _t = OpTimer::start(Some(&m), Op::Lookup);
+            let _t = OpTimer::start(Some(&*m), Op::Lookup);
             std::thread::sleep(Duration::from_millis(2));
         }
-        let _ = OpTimer::start(Some(&m), Op::Lookup);
-        let timer = OpTimer::start(Some(&m), Op::Getattr);
-        std::thread::spawn(move || drop(timer)).join().unwrap();
+        let _ = OpTimer::start(Some(&*m), Op::Lookup);
+        let timer = OpTimer::start(Some(&*m), Op::Getattr);
+        std::thread::scope(|s| s.spawn(move || drop(timer)).join().unwrap());
         let s = m.snapshot();
         assert_eq!(s.get(Op::Lookup).count, 2);
         assert!(s.get(Op::Lookup).sum_ns >= 2_000_000, "{}", s.get(Op::Lookup).sum_ns);
@@ -354,7 +351,7 @@ mod tests {
     #[test]
     fn timer_without_metrics_is_inert() {
         let t = OpTimer::start(None, Op::Read);
-        assert!(t.metrics.is_none() && t.started.is_none());
+        assert!(t.recording.is_none());
         drop(t);
     }
 

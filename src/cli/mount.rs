@@ -7,7 +7,7 @@ use crate::daemon::client::DaemonClient;
 use crate::daemon::protocol::{MountSpec, PrefetchSpec, RegistrySettings, Reply, Request};
 use crate::fs::lazy::open_disk_cache;
 use crate::fs::mount::mountpoint_to_unmount;
-use crate::fs::{serve, unmount_image, MountOptions};
+use crate::fs::{serve, unmount_image};
 use crate::platform::Platform;
 use crate::reference::Reference;
 use crate::registry::{AuthFile, Hosts};
@@ -53,12 +53,10 @@ pub fn mount(root: &Path, args: &MountArgs) -> Result<()> {
 /// Serves the mount in this process until it is unmounted.
 fn serve_here(store: &Store, args: &MountArgs, spec: &MountSpec) -> Result<()> {
     let disk = open_disk_cache(store.root(), args.cache_size);
-    let options = MountOptions {
-        cache_bytes: args.cache_mem << 20,
-        ..spec.options(store, 4, disk).map_err(anyhow::Error::msg)?
-    };
+    let options = spec.options(store, 4, disk).map_err(anyhow::Error::msg)?;
     let notify = std::env::var_os(NOTIFY_ENV).is_some();
-    serve(store, &spec.reference, &spec.mountpoint, &options, || {
+    let cache_bytes = args.cache_mem << 20;
+    serve(store, &spec.reference, &spec.mountpoint, &options, cache_bytes, || {
         if notify {
             let mut out = std::io::stdout();
             let _ = out.write_all(b"ready\n").and_then(|()| out.flush());

@@ -167,7 +167,6 @@ impl MountSpec {
             }),
         };
         Ok(MountOptions {
-            cache_bytes: 0,
             threads,
             upper: self
                 .upper

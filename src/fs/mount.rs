@@ -68,8 +68,6 @@ pub enum MountError {
 /// How to mount.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
-    /// Bytes of decompressed spans to keep in memory.
-    pub cache_bytes: u64,
     /// FUSE worker threads.
     pub threads: usize,
     /// Where changes go; `None` mounts read-only.
@@ -427,17 +425,19 @@ fn launch<FS: fuser::Filesystem + Send + 'static>(
 
 /// Mounts `reference` at `mountpoint` in this process and serves it until
 /// it is unmounted or the process gets SIGTERM/SIGINT/SIGHUP (then it
-/// unmounts itself). `ready` runs once the mount answers requests.
+/// unmounts itself), keeping at most `cache_bytes` of decompressed spans.
+/// `ready` runs once the mount answers requests.
 pub fn serve(
     store: &Store,
     reference: &str,
     mountpoint: &Path,
     options: &MountOptions,
+    cache_bytes: u64,
     ready: impl FnOnce(),
 ) -> Result<(), MountError> {
     let mountpoint = canonical_dir(mountpoint)?;
     crate::sys::malloc::return_large_buffers_to_the_os();
-    let pool = LayerPool::new(options.cache_bytes);
+    let pool = LayerPool::new(cache_bytes);
     let server = Server::this_process();
     let mount =
         Mount::start(store, reference, &mountpoint, options, &pool, Connection::New, &server)?;

@@ -226,7 +226,7 @@ impl Keeper {
             .args(&self.args)
             .arg("--worker")
             .env(HANDOFF_ENV, serde_json::to_string(&handoff).unwrap_or_default());
-        let mut child = self.spawn_inheriting(&mut command, Some(theirs.as_fd()))?;
+        let mut child = spawn_with_fds(&mut command, &self.inheritable(Some(theirs.as_fd())))?;
         drop(theirs);
         let pid = child.id();
         spawn_link_reader(ours, events.clone());
@@ -299,14 +299,6 @@ impl Keeper {
         fds.extend(self.control.as_ref().map(|c| c.as_fd()));
         fds.extend(extra);
         fds
-    }
-
-    fn spawn_inheriting(
-        &self,
-        command: &mut Command,
-        extra: Option<BorrowedFd<'_>>,
-    ) -> Result<std::process::Child, DaemonError> {
-        spawn_with_fds(command, &self.inheritable(extra))
     }
 
     /// Holds the mounts with no worker and no control socket until

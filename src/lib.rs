@@ -28,6 +28,7 @@
 pub mod cache;
 pub mod cli;
 pub mod commit;
+pub mod containerd;
 pub mod daemon;
 pub mod digest;
 pub mod durable;

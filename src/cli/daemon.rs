@@ -37,7 +37,7 @@ pub fn daemon(root: &Path, args: &DaemonArgs) -> Result<()> {
             Store::open(root)?;
             std::fs::create_dir_all(&paths.state)?;
             paths.record_socket()?;
-            let code = keeper::run(&paths.socket, &paths.keeper_pid(), daemon_argv(root, args))?;
+            let code = keeper::run(&paths, daemon_argv(root, args))?;
             std::process::exit(code)
         }
         None => {

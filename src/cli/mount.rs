@@ -112,6 +112,7 @@ fn mount_spec(store: &Store, args: &MountArgs) -> Result<MountSpec> {
                 None => AuthFile::discover().path().to_path_buf(),
             },
         },
+        layers: None,
     })
 }
 

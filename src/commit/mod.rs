@@ -129,7 +129,7 @@ impl Source {
         // A lazily pulled image reads its missing layers from the registry.
         let remote = RemoteOptions::defaults(store.root()).ok();
         let OpenedImage { image, fs: lower, .. } =
-            crate::fs::open_image(store, reference, &pool, remote.as_ref())?;
+            crate::fs::open_image(store, reference, &pool, remote.as_ref(), None)?;
         Ok(Source { image, lower, upper: None, upper_path: None, _pause: None })
     }
 

@@ -17,7 +17,7 @@
 //! Everything crosses `exec` by inheritance, listed in the environment
 //! variable [`HANDOFF_ENV`] as JSON.
 
-use super::DaemonError;
+use super::{DaemonError, DaemonPaths};
 use crate::sys::fuse_takeover::{inherit_across_exec, inherited_fd, recv_with_fd, send_with_fd};
 use rustix::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use serde::{Deserialize, Serialize};
@@ -46,6 +46,9 @@ const CRASH_WINDOW: Duration = Duration::from_secs(60);
 pub struct Handoff {
     /// The control socket's listening fd.
     pub control: Option<i32>,
+    /// The containerd snapshotter socket's listening fd.
+    #[serde(default)]
+    pub snapshotter: Option<i32>,
     /// The worker's end of the link to the keeper.
     pub link: Option<i32>,
     /// The keeper's pid (for the worker).
@@ -145,15 +148,39 @@ enum Event {
 struct Keeper {
     exe: PathBuf,
     args: Vec<OsString>,
-    control: Option<OwnedFd>,
-    socket_path: PathBuf,
+    /// The listening sockets: `None` while parked.
+    listeners: Option<Listeners>,
+    paths: DaemonPaths,
     mounts: BTreeMap<String, (PathBuf, OwnedFd)>,
+}
+
+/// The daemon's listening sockets, which outlive its workers so that
+/// clients queue rather than fail while a worker restarts.
+struct Listeners {
+    /// The control socket.
+    control: OwnedFd,
+    /// The containerd Snapshots API socket.
+    snapshotter: OwnedFd,
+}
+
+impl Listeners {
+    /// The listeners a handoff names, or new ones bound at `paths`.
+    fn inherit_or_bind(handoff: &Handoff, paths: &DaemonPaths) -> Result<Self, DaemonError> {
+        let take = |number: Option<i32>, path: &Path, what: &str| match number {
+            Some(number) => inherited_fd(number).map_err(DaemonError::io(what)),
+            None => bind_private(path),
+        };
+        Ok(Listeners {
+            control: take(handoff.control, &paths.socket, "the control socket")?,
+            snapshotter: take(handoff.snapshotter, &paths.snapshotter, "the snapshotter socket")?,
+        })
+    }
 }
 
 /// Runs the keeper until the daemon stops; returns the exit code. `args`
 /// are the arguments that start a worker (the keeper appends `--worker`)
 /// and, without it, the keeper itself again.
-pub fn run(socket_path: &Path, pid_file: &Path, args: Vec<OsString>) -> Result<i32, DaemonError> {
+pub fn run(paths: &DaemonPaths, args: Vec<OsString>) -> Result<i32, DaemonError> {
     let handoff = Handoff::from_env()?.unwrap_or_default();
     let mut mounts = BTreeMap::new();
     for held in &handoff.mounts {
@@ -166,15 +193,12 @@ pub fn run(socket_path: &Path, pid_file: &Path, args: Vec<OsString>) -> Result<i
             }
         }
     }
-    let control = match handoff.control {
-        Some(number) => inherited_fd(number).map_err(DaemonError::io("the control socket"))?,
-        None => bind_control(socket_path)?,
-    };
-    crate::durable::write_atomic(pid_file, std::process::id().to_string().as_bytes())
+    let listeners = Listeners::inherit_or_bind(&handoff, paths)?;
+    let pid_file = paths.keeper_pid();
+    crate::durable::write_atomic(&pid_file, std::process::id().to_string().as_bytes())
         .map_err(DaemonError::io(format!("writing {}", pid_file.display())))?;
     let exe = current_binary();
-    let mut keeper =
-        Keeper { exe, args, control: Some(control), socket_path: socket_path.into(), mounts };
+    let mut keeper = Keeper { exe, args, listeners: Some(listeners), paths: paths.clone(), mounts };
     let (events, inbox) = mpsc::channel();
     forward_signals(events.clone());
     let mut crashes: Vec<Instant> = Vec::new();
@@ -182,8 +206,8 @@ pub fn run(socket_path: &Path, pid_file: &Path, args: Vec<OsString>) -> Result<i
         let (code, worker) = keeper.run_worker(&events, &inbox)?;
         match code {
             Some(0) => {
-                // Stopped: nobody listens on the socket any more.
-                let _ = std::fs::remove_file(&keeper.socket_path);
+                // Stopped: nobody listens on the sockets any more.
+                keeper.remove_socket_files();
                 return Ok(0);
             }
             Some(EXIT_RESTART) => return Err(keeper.exec_self()),
@@ -197,7 +221,7 @@ pub fn run(socket_path: &Path, pid_file: &Path, args: Vec<OsString>) -> Result<i
                 tracing::error!(pid = worker, status = ?code, mounts = keeper.mounts.len(), "the daemon's worker died; starting a new one");
                 if crashes.len() > MAX_CRASHES {
                     tracing::error!("the worker died {MAX_CRASHES} times in a minute; giving up (the mounts end)");
-                    let _ = std::fs::remove_file(&keeper.socket_path);
+                    keeper.remove_socket_files();
                     return Ok(1);
                 }
             }
@@ -278,7 +302,8 @@ impl Keeper {
 
     fn handoff(&self, link: Option<i32>) -> Handoff {
         Handoff {
-            control: self.control.as_ref().map(|c| c.as_raw_fd()),
+            control: self.listeners.as_ref().map(|l| l.control.as_raw_fd()),
+            snapshotter: self.listeners.as_ref().map(|l| l.snapshotter.as_raw_fd()),
             link,
             keeper_pid: std::process::id(),
             mounts: self
@@ -296,16 +321,23 @@ impl Keeper {
     /// The fds a new process must inherit.
     fn inheritable<'a>(&'a self, extra: Option<BorrowedFd<'a>>) -> Vec<BorrowedFd<'a>> {
         let mut fds: Vec<BorrowedFd<'a>> = self.mounts.values().map(|(_, fd)| fd.as_fd()).collect();
-        fds.extend(self.control.as_ref().map(|c| c.as_fd()));
+        if let Some(listeners) = &self.listeners {
+            fds.extend([listeners.control.as_fd(), listeners.snapshotter.as_fd()]);
+        }
         fds.extend(extra);
         fds
+    }
+
+    fn remove_socket_files(&self) {
+        let _ = std::fs::remove_file(&self.paths.socket);
+        let _ = std::fs::remove_file(&self.paths.snapshotter);
     }
 
     /// Holds the mounts with no worker and no control socket until
     /// `SIGUSR1` (a new daemon start) or `SIGTERM` (give up).
     fn park(&mut self, inbox: &mpsc::Receiver<Event>) {
-        self.control = None;
-        let _ = std::fs::remove_file(&self.socket_path);
+        self.listeners = None;
+        self.remove_socket_files();
         tracing::info!(
             mounts = self.mounts.len(),
             "parked: holding the mounts until `rmount daemon` starts again"
@@ -354,16 +386,18 @@ fn spawn_with_fds(
     child
 }
 
-/// Starts a new keeper holding `control` and `mounts` (its worker adopts
+/// Starts a new keeper holding `listeners` and `mounts` (its worker adopts
 /// them): what a worker does when its keeper died, so that its own death
 /// cannot take the mounts down afterwards. `args` start the keeper.
 pub fn start_keeper(
     args: &[OsString],
-    control: BorrowedFd<'_>,
+    listeners: [BorrowedFd<'_>; 2],
     mounts: &[(String, PathBuf, BorrowedFd<'_>)],
 ) -> Result<(), DaemonError> {
+    let [control, snapshotter] = listeners;
     let handoff = Handoff {
         control: Some(control.as_raw_fd()),
+        snapshotter: Some(snapshotter.as_raw_fd()),
         link: None,
         keeper_pid: 0,
         mounts: mounts
@@ -382,7 +416,7 @@ pub fn start_keeper(
         .stdin(std::process::Stdio::null())
         .process_group(0);
     let mut fds: Vec<BorrowedFd<'_>> = mounts.iter().map(|(_, _, fd)| *fd).collect();
-    fds.push(control);
+    fds.extend(listeners);
     spawn_with_fds(&mut command, &fds).map(drop)
 }
 
@@ -398,9 +432,9 @@ fn current_binary() -> PathBuf {
     }
 }
 
-/// Binds the control socket (mode 0600), replacing a stale socket file but
+/// Binds a daemon socket (mode 0600), replacing a stale socket file but
 /// refusing when a daemon answers there.
-fn bind_control(path: &Path) -> Result<OwnedFd, DaemonError> {
+fn bind_private(path: &Path) -> Result<OwnedFd, DaemonError> {
     if std::os::unix::net::UnixStream::connect(path).is_ok() {
         return Err(DaemonError::AlreadyRunning(path.to_path_buf()));
     }

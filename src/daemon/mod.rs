@@ -21,6 +21,7 @@
 
 pub mod client;
 pub mod keeper;
+mod lazy_layers;
 pub mod metrics;
 pub mod protocol;
 pub mod server;
@@ -76,6 +77,9 @@ impl DaemonError {
 pub struct DaemonPaths {
     /// The control socket.
     pub socket: PathBuf,
+    /// The containerd Snapshots API socket, beside the control socket:
+    /// `snapshotter.sock` for the default store, else `snapshotter-<hash>.sock`.
+    pub snapshotter: PathBuf,
     /// `ROOT/daemon`: mount records, the keeper's pid, the log.
     pub state: PathBuf,
 }
@@ -107,7 +111,17 @@ impl DaemonPaths {
         let recorded = std::fs::read_to_string(state.join("socket")).ok();
         let socket =
             recorded.map(|text| PathBuf::from(text.trim_end())).filter(|p| p.is_absolute());
-        Self { socket: socket.unwrap_or_else(|| runtime.join(name)), state }
+        let socket = socket.unwrap_or_else(|| runtime.join(name));
+        let snapshotter_name = socket
+            .file_name()
+            .map(|n| n.to_string_lossy().replacen("rmount", "snapshotter", 1))
+            .unwrap_or_else(|| "snapshotter.sock".into());
+        Self { snapshotter: socket.with_file_name(snapshotter_name), socket, state }
+    }
+
+    /// The Snapshots metadata and dirs: `ROOT/snapshots`.
+    pub fn snapshots(&self) -> PathBuf {
+        self.state.with_file_name("snapshots")
     }
 
     /// Records the socket a daemon listens on (see [`DaemonPaths::for_root`]).

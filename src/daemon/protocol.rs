@@ -102,6 +102,10 @@ pub struct MountSpec {
     pub record: Option<PathBuf>,
     /// How to reach the registry for layers not in the store.
     pub registry: RegistrySettings,
+    /// Only the image's bottom this many layers (a lazily served
+    /// containerd snapshot).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layers: Option<usize>,
 }
 
 /// `--prefetch`, with the list file resolved.
@@ -134,6 +138,16 @@ pub struct RegistrySettings {
 }
 
 impl RegistrySettings {
+    /// The settings of this process's environment: default hosts dir,
+    /// discovered credentials, no extra plain-HTTP registries.
+    pub fn from_environment() -> Self {
+        Self {
+            insecure: Vec::new(),
+            hosts_dir: Hosts::default_dir(),
+            auth_file: AuthFile::discover().path().to_path_buf(),
+        }
+    }
+
     /// A client with these settings.
     pub fn client(&self) -> Result<Client, crate::registry::RegistryError> {
         Client::new(ClientOptions {
@@ -175,6 +189,7 @@ impl MountSpec {
             remote,
             record: self.record.clone(),
             metrics: None,
+            layers: self.layers,
         })
     }
 
@@ -257,6 +272,9 @@ pub enum Reply {
     Pong {
         /// The control socket.
         socket: PathBuf,
+        /// The containerd Snapshots API socket.
+        #[serde(default)]
+        snapshotter_socket: PathBuf,
         /// The serving process.
         pid: u32,
         /// The keeper, which holds the mounts across restarts.

@@ -10,6 +10,7 @@ use super::protocol::{
 use super::table::{Daemon, DaemonOptions};
 use super::{DaemonError, DaemonPaths};
 use crate::fs::Overlay;
+use crate::snapshotter::service::SnapshotService;
 use crate::store::Store;
 use crate::sys::fuse_takeover::inherited_fd;
 use rustix::fd::AsFd;
@@ -27,11 +28,16 @@ pub fn run_worker(
 ) -> Result<i32, DaemonError> {
     let handoff = Handoff::from_env()?
         .ok_or_else(|| DaemonError::Protocol("the worker is started by `rmount daemon`".into()))?;
-    let (Some(control), Some(link)) = (handoff.control, handoff.link) else {
-        return Err(DaemonError::Protocol("the handoff lacks the control socket or link".into()));
+    let (Some(control), Some(snapshotter), Some(link)) =
+        (handoff.control, handoff.snapshotter, handoff.link)
+    else {
+        return Err(DaemonError::Protocol("the handoff lacks a listening socket or link".into()));
     };
     let listener =
         UnixListener::from(inherited_fd(control).map_err(DaemonError::io("the control socket"))?);
+    let snapshotter = UnixListener::from(
+        inherited_fd(snapshotter).map_err(DaemonError::io("the snapshotter socket"))?,
+    );
     let link = KeeperLink::inherited(link)?;
     let mut held = Vec::new();
     for mount in handoff.mounts {
@@ -43,9 +49,25 @@ pub fn run_worker(
         }
     }
     crate::sys::malloc::return_large_buffers_to_the_os();
+    let snapshots_root = paths.snapshots();
     let daemon = Arc::new(Daemon::new(store, paths, link, handoff.keeper_pid, options));
     let started = super::table::unix_now();
     daemon.reattach(held);
+    let snapshots = Arc::new(
+        crate::snapshotter::Snapshots::open(&snapshots_root)
+            .map_err(|e| DaemonError::Protocol(format!("the snapshot store: {e}")))?,
+    );
+    if let Err(e) = crate::snapshotter::remote::mount_missing(&snapshots, daemon.as_ref()) {
+        tracing::error!("{e}");
+    }
+    let service = SnapshotService::new(snapshots, Some(daemon.clone()));
+    let rehome_snapshotter =
+        snapshotter.try_clone().map_err(DaemonError::io("the snapshotter socket"))?;
+    std::thread::spawn(move || {
+        if let Err(e) = crate::snapshotter::service::serve(service, snapshotter) {
+            tracing::error!("the containerd snapshotter stopped: {e}");
+        }
+    });
     let source = daemon.clone();
     let _metrics = match &options.metrics {
         Some(addr) => Some(
@@ -61,7 +83,7 @@ pub fn run_worker(
     let control = listener.try_clone().map_err(DaemonError::io("the control socket"))?;
     std::thread::spawn(move || {
         orphan.wait_keeper_gone();
-        rehome(&orphan, &control);
+        rehome(&orphan, [&control, &rehome_snapshotter]);
     });
     let reaper = daemon.clone();
     std::thread::spawn(move || loop {
@@ -158,6 +180,7 @@ impl Context {
             Request::Ping => (
                 ok(Reply::Pong {
                     socket: self.daemon.socket().to_path_buf(),
+                    snapshotter_socket: self.daemon.paths().snapshotter.clone(),
                     pid: std::process::id(),
                     keeper_pid: self.keeper_pid,
                     rmount_version: env!("CARGO_PKG_VERSION").into(),
@@ -204,7 +227,7 @@ impl Context {
 /// The keeper died: nothing else holds the mounts' fds, so our own death
 /// would end them. Start a new keeper with every fd and leave; its worker
 /// adopts the mounts as after a restart.
-fn rehome(daemon: &Daemon, control: &UnixListener) {
+fn rehome(daemon: &Daemon, listeners: [&UnixListener; 2]) {
     tracing::error!("the daemon's keeper died; handing the mounts to a new one");
     let devices = daemon.devices();
     let mounts: Vec<_> = devices
@@ -214,7 +237,7 @@ fn rehome(daemon: &Daemon, control: &UnixListener) {
     // Our own arguments without `--worker` start a keeper.
     let args: Vec<std::ffi::OsString> =
         std::env::args_os().skip(1).filter(|arg| arg != "--worker").collect();
-    match start_keeper(&args, control.as_fd(), &mounts) {
+    match start_keeper(&args, listeners.map(|l| l.as_fd()), &mounts) {
         Ok(()) => std::process::exit(0),
         Err(e) => tracing::error!("cannot start a new keeper ({e}); serving on without one"),
     }

@@ -113,6 +113,16 @@ impl Daemon {
         &self.paths.socket
     }
 
+    /// Where this daemon keeps its sockets and state.
+    pub fn paths(&self) -> &DaemonPaths {
+        &self.paths
+    }
+
+    /// The store this daemon serves.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     fn lock(&self) -> MutexGuard<'_, Mounts> {
         self.mounts.lock().unwrap_or_else(|p| p.into_inner())
     }

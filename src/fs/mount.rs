@@ -78,6 +78,9 @@ pub struct MountOptions {
     pub record: Option<PathBuf>,
     /// Where to count and time the FUSE requests served.
     pub metrics: Option<Arc<FsMetrics>>,
+    /// Mount only the image's bottom this many layers (a containerd
+    /// snapshot of one layer and those below it); `None`: all.
+    pub layers: Option<usize>,
 }
 
 /// What the mounts of one process share: one bounded cache of
@@ -144,14 +147,18 @@ pub struct OpenedImage {
 /// pool) and merges them. A layer whose blob is in the store is read from
 /// there (indexed now if its index is missing); with `remote`, a layer that
 /// is not is read from the registry, which needs its index in the index
-/// cache (a lazy pull put it there).
+/// cache (a lazy pull put it there). `layers` keeps only the bottom ones.
 pub fn open_image(
     store: &Store,
     reference: &str,
     pool: &LayerPool,
     remote: Option<&RemoteOptions>,
+    layers: Option<usize>,
 ) -> Result<OpenedImage, MountError> {
-    let image = store.resolve(reference)?;
+    let mut image = store.resolve(reference)?;
+    if let Some(count) = layers {
+        image.layers.truncate(count);
+    }
     let index_dir = store.index_dir();
     let cache = pool.cache();
     let repository = match remote {
@@ -284,7 +291,7 @@ impl Mount {
     ) -> Result<Mount, MountError> {
         let mountpoint = mountpoint.to_path_buf();
         let OpenedImage { image, mut fs, layers } =
-            open_image(store, reference, pool, options.remote.as_ref())?;
+            open_image(store, reference, pool, options.remote.as_ref(), options.layers)?;
         let layers = Arc::new(layers);
         let recorder = options.record.as_ref().map(|_| Arc::new(Recorder::default()));
         if let Some(recorder) = &recorder {

@@ -9,7 +9,7 @@ use chrono::{DateTime, Utc};
 use redb::{ReadableTable, Table, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use super::{Kind, Result, SnapshotError, Usage};
+use super::{Kind, RemoteLayers, Result, SnapshotError, Usage};
 
 /// Snapshot key or name → JSON [`Record`].
 pub(crate) const SNAPSHOTS: TableDefinition<&str, &[u8]> = TableDefinition::new("snapshots");
@@ -31,6 +31,10 @@ pub(crate) struct Record {
     /// Measured at commit time; `None` while Active or View.
     #[serde(default)]
     pub usage: Option<Usage>,
+    /// Set for a committed snapshot rmount serves lazily (its `fs` is a
+    /// read-only mount of the image's bottom layers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<RemoteLayers>,
 }
 
 /// Reads the record of `key`, if any.

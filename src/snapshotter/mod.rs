@@ -1,5 +1,6 @@
-//! The core of a containerd snapshotter (issue 8): containerd's Snapshots API
-//! semantics over overlayfs, as a library (the gRPC service comes later).
+//! The core of rmount's containerd snapshotter: containerd's Snapshots API
+//! semantics over overlayfs, as a library; [`service`] serves it over gRPC
+//! and [`remote`] adds lazily served (remote) snapshots.
 //!
 //! A snapshot has a key (Active, View) or a name (Committed), an optional
 //! parent (always a Committed snapshot's name), labels and times. Metadata
@@ -25,9 +26,18 @@
 //!   `snapshots/rm-<id>` and delete it. A crash in between leaves an orphan.
 //! - [`Snapshots::cleanup`] deletes every dir under `snapshots/` without a
 //!   record (orphans, `new-*`, `rm-*`).
+//!
+//! A remote snapshot (see [`remote`]) is a committed snapshot whose `fs` is
+//! a read-only mount of an image's bottom layers, made by rmount's daemon
+//! after the record commits; its removal unmounts before the metadata
+//! commit, and a daemon start mounts again any remote snapshot that lacks
+//! its mount (a crash between commit and mount).
 
+mod filter;
 mod metadata;
 mod mounts;
+pub mod remote;
+pub mod service;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs;
@@ -39,8 +49,10 @@ use chrono::{DateTime, Utc};
 use redb::{Database, ReadableTable};
 use serde::{Deserialize, Serialize};
 
+pub use filter::Filter;
 use metadata::{Record, COUNTERS, SNAPSHOTS};
 pub use mounts::Mount;
+pub use remote::RemoteLayers;
 
 /// A snapshotter error; the first four kinds map 1:1 to gRPC codes.
 #[derive(Debug, thiserror::Error)]
@@ -169,7 +181,7 @@ impl Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels)
+        self.create(Kind::Active, key, parent, labels, None)
     }
 
     /// Creates a read-only View snapshot `key` of committed `parent`.
@@ -179,7 +191,44 @@ impl Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels)
+        self.create(Kind::View, key, parent, labels, None)
+    }
+
+    /// Records committed snapshot `name` on top of `parent`, to be served
+    /// lazily as `remote`; returns the (empty) `fs` dir to mount it at.
+    pub fn create_remote(
+        &self,
+        name: &str,
+        parent: Option<&str>,
+        labels: BTreeMap<String, String>,
+        remote: RemoteLayers,
+    ) -> Result<PathBuf> {
+        self.create(Kind::Committed, name, parent, labels, Some(remote))?;
+        self.fs_dir(name)
+    }
+
+    /// The `fs` dir of snapshot `key`.
+    pub fn fs_dir(&self, key: &str) -> Result<PathBuf> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SNAPSHOTS)?;
+        Ok(self.dir_of(metadata::must_get(&table, key)?.id).join("fs"))
+    }
+
+    /// How snapshot `key` is served lazily, if it is a remote snapshot.
+    pub fn remote_of(&self, key: &str) -> Result<Option<RemoteLayers>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SNAPSHOTS)?;
+        Ok(metadata::must_get(&table, key)?.remote)
+    }
+
+    /// Every remote snapshot: its name, `fs` dir and layers.
+    pub fn remote_snapshots(&self) -> Result<Vec<(String, PathBuf, RemoteLayers)>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SNAPSHOTS)?;
+        Ok(metadata::all(&table)?
+            .into_iter()
+            .filter_map(|(k, r)| Some((k, self.dir_of(r.id).join("fs"), r.remote?)))
+            .collect())
     }
 
     fn create(
@@ -188,6 +237,7 @@ impl Snapshots {
         key: &str,
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
+        remote: Option<RemoteLayers>,
     ) -> Result<Vec<Mount>> {
         check_key(key)?;
         let tx = self.db.begin_write()?;
@@ -214,10 +264,15 @@ impl Snapshots {
                 labels,
                 created: now,
                 updated: now,
-                usage: None,
+                // A remote snapshot's layers take no local disk.
+                usage: remote.as_ref().map(|_| Usage::default()),
+                remote,
             };
             metadata::put(&mut table, key, &record)?;
-            let mounts = self.mounts_of(&table, &record)?;
+            let mounts = match kind {
+                Kind::Committed => Vec::new(),
+                _ => self.mounts_of(&table, &record)?,
+            };
             self.create_dir(id)?;
             (id, mounts)
         };
@@ -311,7 +366,9 @@ impl Snapshots {
     }
 
     /// Removes snapshot `key`; refused while a snapshot has it as parent.
-    pub fn remove(&self, key: &str) -> Result<()> {
+    /// A remote snapshot's `fs` is first handed to `unmount`; when that
+    /// fails, nothing is removed.
+    pub fn remove(&self, key: &str, unmount: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let tx = self.db.begin_write()?;
         let id = {
             let mut table = tx.open_table(SNAPSHOTS)?;
@@ -322,6 +379,9 @@ impl Snapshots {
                 return Err(SnapshotError::FailedPrecondition(format!(
                     "snapshot {key} has a child {child}"
                 )));
+            }
+            if record.remote.is_some() {
+                unmount(&self.dir_of(record.id).join("fs"))?;
             }
             table.remove(key)?;
             record.id
@@ -456,7 +516,9 @@ fn info(name: &str, r: Record) -> Info {
     }
 }
 
-/// The ids of `record`'s ancestors, nearest first.
+/// The ids of `record`'s ancestors whose dirs its mounts stack, nearest
+/// first: up to and including the first remote one, whose `fs` already
+/// holds every layer below it.
 fn parent_ids(
     table: &impl ReadableTable<&'static str, &'static [u8]>,
     record: &Record,
@@ -470,7 +532,10 @@ fn parent_ids(
             return Err(SnapshotError::Corrupt(format!("parent cycle at {name}")));
         }
         ids.push(parent.id);
-        next = parent.parent;
+        next = match parent.remote {
+            Some(_) => None,
+            None => parent.parent,
+        };
     }
     Ok(ids)
 }

@@ -1,0 +1,3 @@
+//! Talking to containerd: its gRPC API ([`api`]).
+
+pub mod api;

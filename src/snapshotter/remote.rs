@@ -1,8 +1,8 @@
 //! Remote (lazy) snapshots, the protocol stargz, SOCI and Nydus use with
 //! containerd: when `Prepare` carries the target snapshot's name
 //! (`containerd.io/snapshot.ref`) and the labels that say which image layer
-//! it is (added by CRI, nerdctl, `ctr-remote image rpull` and
-//! `rmount containerd pull`), rmount mounts the image's layers up to that
+//! it is (added by CRI, nerdctl and `rmount containerd pull`, or under
+//! stargz's own names by `ctr-remote image rpull`), rmount mounts the image's layers up to that
 //! one lazily, commits the target itself and answers `ALREADY_EXISTS`:
 //! containerd then neither downloads nor unpacks the layer.
 //!
@@ -25,6 +25,10 @@ pub const IMAGE_REF_LABEL: &str = "containerd.io/snapshot/cri.image-ref";
 pub const LAYER_DIGEST_LABEL: &str = "containerd.io/snapshot/cri.layer-digest";
 /// Every layer of the image, comma-separated (informational here).
 pub const IMAGE_LAYERS_LABEL: &str = "containerd.io/snapshot/cri.image-layers";
+/// The image, as stargz-snapshotter's `ctr-remote image rpull` names it.
+pub const STARGZ_REFERENCE_LABEL: &str = "containerd.io/snapshot/remote/stargz.reference";
+/// The layer's digest, as `ctr-remote image rpull` names it.
+pub const STARGZ_DIGEST_LABEL: &str = "containerd.io/snapshot/remote/stargz.digest";
 /// Set on the snapshots rmount commits itself.
 pub const REMOTE_LABEL: &str = "containerd.io/snapshot/remote";
 
@@ -52,10 +56,11 @@ pub struct LazyRequest {
 impl LazyRequest {
     /// The request these labels make, if they make one.
     pub fn from_labels(labels: &BTreeMap<String, String>) -> Option<LazyRequest> {
+        let either = |ours: &str, stargz: &str| labels.get(ours).or_else(|| labels.get(stargz));
         Some(LazyRequest {
             target: labels.get(TARGET_LABEL)?.clone(),
-            image: labels.get(IMAGE_REF_LABEL)?.clone(),
-            layer: labels.get(LAYER_DIGEST_LABEL)?.parse().ok()?,
+            image: either(IMAGE_REF_LABEL, STARGZ_REFERENCE_LABEL)?.clone(),
+            layer: either(LAYER_DIGEST_LABEL, STARGZ_DIGEST_LABEL)?.parse().ok()?,
         })
     }
 }

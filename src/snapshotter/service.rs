@@ -54,6 +54,7 @@ impl SnapshotService {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>, SnapshotError> {
+        tracing::debug!(key, parent, ?labels, "prepare");
         if let (Some(lazy), Some(request)) = (&self.lazy, LazyRequest::from_labels(&labels)) {
             if remote::try_lazy(&self.snapshots, lazy.as_ref(), parent, &request, labels.clone())? {
                 return Err(SnapshotError::AlreadyExists(format!(

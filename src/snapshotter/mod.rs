@@ -138,10 +138,12 @@ pub struct Info {
     pub updated: DateTime<Utc>,
 }
 
-/// Disk usage of a snapshot's own layer (parents not included).
+/// Disk usage of a snapshot's own layer (parents not included), counted as
+/// containerd's `fs.DiskUsage` does: allocated blocks of every inode,
+/// directories included, hard links once.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
-    /// Bytes of file data (apparent sizes, hard links counted once).
+    /// Bytes allocated (`st_blocks` × 512).
     pub size: u64,
     /// Inodes, the `fs` dir itself included.
     pub inodes: u64,
@@ -551,12 +553,11 @@ fn disk_usage(dir: &Path) -> Result<Usage> {
             continue;
         }
         usage.inodes += 1;
+        usage.size += meta.blocks() * 512;
         if meta.is_dir() {
             for entry in fs::read_dir(&path).map_err(io_err(&path))? {
                 stack.push(entry.map_err(io_err(&path))?.path());
             }
-        } else {
-            usage.size += meta.len();
         }
     }
     Ok(usage)

@@ -4,6 +4,7 @@
 //! for a kernel-overlayfs oracle, and a tree walker that compares mounts.
 #![allow(dead_code)]
 
+pub mod containerd;
 pub mod daemon;
 pub mod estargz;
 pub mod ops;

@@ -23,7 +23,15 @@ fn mounted(store: &Store, path: &Path) -> Result<Source> {
 pub fn commit(root: &Path, args: &CommitArgs) -> Result<()> {
     let store = open(root)?;
     let changes = args.change.iter().map(|c| Change::parse(c)).collect::<Result<Vec<_>, _>>()?;
-    if let Some(reference) = &args.reference {
+    // `--snapshot KEY NEWREF`: the one positional argument is the new name.
+    let (mountpoint, new_reference) = match (&args.snapshot, &args.mountpoint) {
+        (Some(_), Some(name)) if args.reference.is_none() => {
+            (None, Some(name.to_string_lossy().into_owned()))
+        }
+        (Some(_), Some(_)) => bail!("--snapshot commits a snapshot, not the mount given too"),
+        (_, mountpoint) => (mountpoint.clone(), args.reference.clone()),
+    };
+    if let Some(reference) = &new_reference {
         commit::normalise_reference(reference)?;
     }
     let compression = match (args.compression, args.level) {
@@ -49,7 +57,7 @@ pub fn commit(root: &Path, args: &CommitArgs) -> Result<()> {
         created_by.push_str(&format!(" --change {c:?}"));
     }
     let options = CommitOptions {
-        reference: args.reference.clone(),
+        reference: new_reference,
         compression,
         describe: Describe {
             author: args.author.clone(),
@@ -59,15 +67,33 @@ pub fn commit(root: &Path, args: &CommitArgs) -> Result<()> {
             created_by,
         },
     };
-    let source = mounted(&store, &args.mountpoint)?;
-    let done = commit::commit(&store, &source, &options)
-        .with_context(|| format!("committing {}", args.mountpoint.display()))?;
+    let (source, what) = match (&args.snapshot, &mountpoint) {
+        (Some(key), _) => (snapshot(root, &store, key)?, format!("snapshot {key}")),
+        (None, Some(path)) => (mounted(&store, path)?, path.display().to_string()),
+        (None, None) => bail!("commit what? give a MOUNT or --snapshot KEY"),
+    };
+    let done =
+        commit::commit(&store, &source, &options).with_context(|| format!("committing {what}"))?;
     drop(source);
     for path in &done.skipped {
         eprintln!("rmount: skipped socket {path} (sockets cannot be in a layer)");
     }
     println!("{}", done.id);
     Ok(())
+}
+
+/// containerd's active snapshot `key`, as the store's daemon (which serves
+/// the snapshotter) describes it.
+fn snapshot(root: &Path, store: &Store, key: &str) -> Result<Source> {
+    use crate::daemon::client::DaemonClient;
+    use crate::daemon::protocol::{Reply, Request};
+    let paths = super::daemon::paths(root);
+    let mut client = DaemonClient::connect(&paths.socket)?;
+    let Reply::Snapshot { snapshot } = client.call(Request::Snapshot { key: key.to_owned() })?
+    else {
+        bail!("the daemon answered something else than a snapshot");
+    };
+    Ok(Source::snapshot(store, &snapshot)?)
 }
 
 pub fn diff(root: &Path, args: &DiffArgs) -> Result<()> {

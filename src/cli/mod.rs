@@ -3,6 +3,7 @@
 //! as a table for people or as JSON with `--json`.
 
 mod commit;
+mod containerd;
 mod daemon;
 mod images;
 mod index;
@@ -86,6 +87,59 @@ pub enum Command {
     /// List the daemon's mounts.
     #[command(alias = "mounts")]
     Ps(PsArgs),
+    /// Work with a running containerd (pull images its layers served lazily by rmount).
+    Containerd(ContainerdArgs),
+}
+
+/// `rmount containerd`.
+#[derive(Debug, Args)]
+pub struct ContainerdArgs {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: ContainerdCommand,
+}
+
+/// The `rmount containerd` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ContainerdCommand {
+    /// Pull an image into containerd, its layers served lazily by rmount's
+    /// snapshotter (like `ctr-remote image rpull`).
+    ///
+    /// The manifest and config go into containerd's content store; each
+    /// layer is prepared on the snapshotter with the labels that ask for a
+    /// remote snapshot, so it is neither downloaded nor unpacked. A layer
+    /// the snapshotter cannot serve lazily is downloaded and unpacked by
+    /// containerd as a plain pull would. Then `ctr run --snapshotter
+    /// rmount REF …` runs it.
+    Pull(ContainerdPullArgs),
+}
+
+/// `rmount containerd pull`.
+#[derive(Debug, Args)]
+pub struct ContainerdPullArgs {
+    /// Image to pull, e.g. `127.0.0.1:5000/app:v1`; containerd names it
+    /// by the normalised form (`docker.io/library/nginx:latest`).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// containerd's gRPC socket.
+    #[arg(long, env = "CONTAINERD_ADDRESS", value_name = "SOCKET")]
+    #[arg(default_value = "/run/containerd/containerd.sock")]
+    pub address: PathBuf,
+    /// containerd namespace.
+    #[arg(short, long, env = "CONTAINERD_NAMESPACE", default_value = "default")]
+    pub namespace: String,
+    /// The snapshotter's name in containerd's config (`[proxy_plugins.NAME]`).
+    #[arg(long, value_name = "NAME", default_value = "rmount")]
+    pub snapshotter: String,
+    /// Platform of a multi-platform image (os/arch[/variant]). [default: the host's]
+    #[arg(long, value_name = "PLATFORM")]
+    pub platform: Option<String>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// How to reach the registry.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
 }
 
 /// `rmount daemon`.
@@ -282,9 +336,10 @@ pub enum CompressionArg {
 /// `rmount commit`.
 #[derive(Debug, Args)]
 pub struct CommitArgs {
-    /// The writable mount whose changes become the new layer.
-    #[arg(value_name = "MOUNT")]
-    pub mountpoint: PathBuf,
+    /// The writable mount whose changes become the new layer (with
+    /// `--snapshot`, leave it out: `rmount commit --snapshot KEY [NEWREF]`).
+    #[arg(value_name = "MOUNT", required_unless_present = "snapshot")]
+    pub mountpoint: Option<PathBuf>,
     /// Name of the new image (untagged if omitted).
     #[arg(value_name = "NEWREF")]
     pub reference: Option<String>,
@@ -304,6 +359,11 @@ pub struct CommitArgs {
     /// Compression level (gzip 0-9, default 6; zstd 1-22, default 3).
     #[arg(long, value_name = "N", allow_negative_numbers = true)]
     pub level: Option<i32>,
+    /// Commit a containerd container's active snapshot instead of a mount:
+    /// its key (as the rmount snapshotter has it, or just the container id),
+    /// on an image rmount serves lazily.
+    #[arg(long, value_name = "KEY")]
+    pub snapshot: Option<String>,
 }
 
 /// `rmount diff`.
@@ -563,10 +623,12 @@ pub struct UmountArgs {
     pub discard: bool,
 }
 
+// Packed by hand: rustfmt puts one per line once an element is longer than 10 characters.
+#[rustfmt::skip]
 const SUBCOMMANDS: &[&str] = &[
     "pull", "push", "login", "logout", "load", "save", "images", "inspect", "history", "tag",
     "rmi", "prune", "df", "mount", "stats", "umount", "unmount", "commit", "diff", "export",
-    "index", "daemon", "ps", "mounts", "help",
+    "index", "daemon", "ps", "mounts", "containerd", "help",
 ];
 
 /// Rewrites `rmount [OPTS] REF DIR …` into `rmount [OPTS] mount REF DIR …`.
@@ -656,6 +718,7 @@ pub fn main() -> ExitCode {
         Command::Index(a) => index::index(&root, &a),
         Command::Daemon(a) => daemon::daemon(&root, &a),
         Command::Ps(a) => daemon::ps(&root, &a),
+        Command::Containerd(a) => containerd::containerd(&a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

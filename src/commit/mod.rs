@@ -133,6 +133,31 @@ impl Source {
         Ok(Source { image, lower, upper: None, upper_path: None, _pause: None })
     }
 
+    /// An active containerd snapshot on an image rmount serves lazily: the
+    /// image and the snapshot's upper dir. Like `docker commit --pause=false`,
+    /// nothing stops the container meanwhile.
+    pub fn snapshot(
+        store: &Store,
+        snapshot: &crate::snapshotter::ActiveOnImage,
+    ) -> Result<Source, CommitError> {
+        let mut source = Source::image(store, &snapshot.remote.image)?;
+        if source.image.layers.len() != snapshot.remote.layers {
+            return Err(CommitError::Invalid(format!(
+                "snapshot {} sits on {} of the {} layers of {}; only a snapshot on a whole image can be committed",
+                snapshot.key,
+                snapshot.remote.layers,
+                source.image.layers.len(),
+                snapshot.remote.image
+            )));
+        }
+        let upper = &snapshot.upper;
+        let dir = Dir::open(upper)
+            .map_err(|source| CommitError::Upper { path: upper.clone(), source })?;
+        source.upper = Some(dir);
+        source.upper_path = Some(upper.clone());
+        Ok(source)
+    }
+
     /// The live mount at `mountpoint` (absolute, canonical), with its serving
     /// process paused until this is dropped. Nothing here touches the mount.
     pub fn mount(store: &Store, mountpoint: &Path) -> Result<Source, CommitError> {

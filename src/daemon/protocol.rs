@@ -67,6 +67,12 @@ pub enum Request {
         /// The mountpoint (absolute).
         mountpoint: PathBuf,
     },
+    /// An active containerd snapshot on an image the daemon serves lazily,
+    /// by key: [`Reply::Snapshot`].
+    Snapshot {
+        /// Its key, or the last `/` part of it.
+        key: String,
+    },
     /// Stop the daemon: unmount everything (changes kept) and exit, or with
     /// `keep_mounts`, leave the mounts to the keeper until a new daemon
     /// takes them over.
@@ -190,6 +196,8 @@ impl MountSpec {
             record: self.record.clone(),
             metrics: None,
             layers: self.layers,
+            // A containerd snapshot's files meet containerd's differ.
+            answer_xattrs: self.layers.is_some(),
         })
     }
 
@@ -291,6 +299,11 @@ pub enum Reply {
     },
     /// A mount is gone.
     Unmounted,
+    /// An active containerd snapshot.
+    Snapshot {
+        /// It.
+        snapshot: crate::snapshotter::ActiveOnImage,
+    },
     /// Every mount.
     Mounts {
         /// Sorted by mountpoint.

@@ -11,6 +11,7 @@ use super::table::{Daemon, DaemonOptions};
 use super::{DaemonError, DaemonPaths};
 use crate::fs::Overlay;
 use crate::snapshotter::service::SnapshotService;
+use crate::snapshotter::{SnapshotError, Snapshots};
 use crate::store::Store;
 use crate::sys::fuse_takeover::inherited_fd;
 use rustix::fd::AsFd;
@@ -60,7 +61,7 @@ pub fn run_worker(
     if let Err(e) = crate::snapshotter::remote::mount_missing(&snapshots, daemon.as_ref()) {
         tracing::error!("{e}");
     }
-    let service = SnapshotService::new(snapshots, Some(daemon.clone()));
+    let service = SnapshotService::new(snapshots.clone(), Some(daemon.clone()));
     let rehome_snapshotter =
         snapshotter.try_clone().map_err(DaemonError::io("the snapshotter socket"))?;
     std::thread::spawn(move || {
@@ -94,9 +95,10 @@ pub fn run_worker(
     for stream in listener.incoming() {
         let Ok(stream) = stream else { continue };
         let daemon = daemon.clone();
+        let snapshots = snapshots.clone();
         let keeper_pid = handoff.keeper_pid;
         std::thread::spawn(move || {
-            let context = Context { daemon, keeper_pid, started };
+            let context = Context { daemon, snapshots, keeper_pid, started };
             if let Err(e) = context.serve(stream, owner) {
                 tracing::debug!("control connection: {e}");
             }
@@ -107,6 +109,7 @@ pub fn run_worker(
 
 struct Context {
     daemon: Arc<Daemon>,
+    snapshots: Arc<Snapshots>,
     keeper_pid: u32,
     started: u64,
 }
@@ -197,6 +200,16 @@ impl Context {
                 After::Continue,
             ),
             Request::List => (ok(Reply::Mounts { mounts: self.daemon.list() }), After::Continue),
+            Request::Snapshot { key } => match self.snapshots.active_on_image(&key) {
+                Ok(snapshot) => (ok(Reply::Snapshot { snapshot }), After::Continue),
+                Err(e) => {
+                    let kind = match e {
+                        SnapshotError::NotFound(_) => ErrorKind::NotFound,
+                        _ => ErrorKind::Failed,
+                    };
+                    (Outcome::Error { kind, message: e.to_string() }, After::Continue)
+                }
+            },
             Request::Stats { mountpoint } => (
                 done(self.daemon.stats(&mountpoint).map(|stats| Reply::Stats { stats })),
                 After::Continue,

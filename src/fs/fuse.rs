@@ -32,10 +32,11 @@ pub struct ImageFs {
     tree: UnionTree,
     /// Parallel to the tree's layer stack.
     readers: Vec<LayerReader>,
-    /// Some entry of some layer has an xattr. When none does, xattr requests
-    /// are answered `ENOSYS`, after which the kernel stops sending them: `ls
-    /// -l` asks for two xattrs of every file it lists.
-    has_xattrs: bool,
+    /// Answer xattr requests. False when no entry of any layer has an
+    /// xattr: they are answered `ENOSYS`, after which the kernel stops
+    /// sending them (`ls -l` asks for two xattrs of every file it lists) and
+    /// tells callers `EOPNOTSUPP` (see [`ImageFs::answer_xattrs`]).
+    serve_xattrs: bool,
     /// Notes which files are read (`--record`).
     recorder: Option<Arc<Recorder>>,
 }
@@ -51,9 +52,16 @@ fn time(secs: i64) -> SystemTime {
 impl ImageFs {
     /// Serves `tree` with one reader per layer of its stack (same order).
     pub fn new(tree: UnionTree, readers: Vec<LayerReader>) -> Self {
-        let has_xattrs =
+        let serve_xattrs =
             tree.layers().iter().any(|l| l.entries.iter().any(|e| !e.xattrs.is_empty()));
-        Self { tree, readers, has_xattrs, recorder: None }
+        Self { tree, readers, serve_xattrs, recorder: None }
+    }
+
+    /// Answers every xattr request as a kernel filesystem does (`ENODATA`
+    /// for a missing one) even when no layer has xattrs: for tools that
+    /// treat `EOPNOTSUPP` as fatal, such as containerd's differ.
+    pub fn answer_xattrs(&mut self) {
+        self.serve_xattrs = true;
     }
 
     /// Records every file whose data is read into `recorder`.
@@ -353,14 +361,14 @@ impl fuser::Filesystem for ImageFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        if !self.has_xattrs {
+        if !self.serve_xattrs {
             return reply.error(Errno::ENOSYS);
         }
         reply_xattr(self.xattr(ino.0, name), size, reply);
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if !self.has_xattrs {
+        if !self.serve_xattrs {
             return reply.error(Errno::ENOSYS);
         }
         let names = self.xattr_names(ino.0);

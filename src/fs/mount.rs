@@ -81,6 +81,9 @@ pub struct MountOptions {
     /// Mount only the image's bottom this many layers (a containerd
     /// snapshot of one layer and those below it); `None`: all.
     pub layers: Option<usize>,
+    /// Answer xattr requests even for an image without xattrs (see
+    /// [`ImageFs::answer_xattrs`]); slower for `ls -l`.
+    pub answer_xattrs: bool,
 }
 
 /// What the mounts of one process share: one bounded cache of
@@ -296,6 +299,9 @@ impl Mount {
         let recorder = options.record.as_ref().map(|_| Arc::new(Recorder::default()));
         if let Some(recorder) = &recorder {
             fs.record_into(recorder.clone());
+        }
+        if options.answer_xattrs {
+            fs.answer_xattrs();
         }
         // Threads of a daemon share one fd: per-thread cloned fds would die
         // with the process, aborting the requests in flight on them.

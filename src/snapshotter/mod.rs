@@ -149,6 +149,17 @@ pub struct Usage {
     pub inodes: u64,
 }
 
+/// An active snapshot on top of a lazily served image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ActiveOnImage {
+    /// Its full key.
+    pub key: String,
+    /// Its upper dir (kernel overlayfs' format).
+    pub upper: PathBuf,
+    /// The image layers below it.
+    pub remote: RemoteLayers,
+}
+
 /// The snapshot store under one root directory.
 pub struct Snapshots {
     root: PathBuf,
@@ -221,6 +232,48 @@ impl Snapshots {
         let tx = self.db.begin_read()?;
         let table = tx.open_table(SNAPSHOTS)?;
         Ok(metadata::must_get(&table, key)?.remote)
+    }
+
+    /// The active snapshot `key` — its full key, or the last `/` part of
+    /// one (containerd's keys are `NAMESPACE/ID/KEY`) when that is unique —
+    /// with its upper dir and the lazily served image it sits on: what
+    /// `rmount commit --snapshot` turns into a new image.
+    pub fn active_on_image(&self, key: &str) -> Result<ActiveOnImage> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SNAPSHOTS)?;
+        let active: Vec<(String, Record)> = metadata::all(&table)?
+            .into_iter()
+            .filter(|(k, r)| {
+                r.kind == Kind::Active && (k == key || k.rsplit('/').next() == Some(key))
+            })
+            .collect();
+        let (full_key, record) = match <[_; 1]>::try_from(active) {
+            Ok([found]) => found,
+            Err(found) if found.is_empty() => {
+                return Err(SnapshotError::NotFound(format!("active snapshot {key}")))
+            }
+            Err(found) => {
+                let keys: Vec<&str> = found.iter().map(|(k, _)| k.as_str()).collect();
+                return Err(SnapshotError::InvalidArgument(format!(
+                    "{key} names several active snapshots: {}",
+                    keys.join(", ")
+                )));
+            }
+        };
+        let remote = record
+            .parent
+            .as_deref()
+            .map(|p| metadata::must_get(&table, p))
+            .transpose()?
+            .and_then(|parent| parent.remote)
+            .ok_or_else(|| {
+                SnapshotError::FailedPrecondition(format!(
+                    "{full_key} does not sit directly on an image rmount serves lazily \
+                     (pull the image with `rmount containerd pull` to commit with rmount)"
+                ))
+            })?;
+        let dir = self.dir_of(record.id);
+        Ok(ActiveOnImage { key: full_key, upper: dir.join("fs"), remote })
     }
 
     /// Every remote snapshot: its name, `fs` dir and layers.

@@ -54,10 +54,7 @@ pub fn run_worker(
     let daemon = Arc::new(Daemon::new(store, paths, link, handoff.keeper_pid, options));
     let started = super::table::unix_now();
     daemon.reattach(held);
-    let snapshots = Arc::new(
-        crate::snapshotter::Snapshots::open(&snapshots_root)
-            .map_err(|e| DaemonError::Protocol(format!("the snapshot store: {e}")))?,
-    );
+    let snapshots = Arc::new(open_snapshots(&snapshots_root)?);
     if let Err(e) = crate::snapshotter::remote::mount_missing(&snapshots, daemon.as_ref()) {
         tracing::error!("{e}");
     }
@@ -233,6 +230,24 @@ impl Context {
             }
             Request::Stop { keep_mounts: true } => (ok(Reply::Stopping), After::Exit(EXIT_PARK)),
             Request::Restart => (ok(Reply::Stopping), After::Exit(EXIT_RESTART)),
+        }
+    }
+}
+
+/// The snapshot store. A worker that just handed over to a new keeper may
+/// still hold its lock for a moment: retry briefly.
+fn open_snapshots(root: &std::path::Path) -> Result<Snapshots, DaemonError> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match Snapshots::open(root) {
+            Ok(snapshots) => return Ok(snapshots),
+            Err(SnapshotError::Db(e))
+                if matches!(*e, redb::Error::DatabaseAlreadyOpen)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => return Err(DaemonError::Protocol(format!("the snapshot store: {e}"))),
         }
     }
 }

@@ -276,10 +276,10 @@ impl Daemon {
         let lazy = layers.iter().any(|l| l.remote.is_some());
         let fetched_percent = match lazy {
             false => 100.0,
-            true => std::fs::read(self.store.mount_stats_path(&live.spec.mountpoint))
-                .ok()
-                .and_then(|text| serde_json::from_slice::<serde_json::Value>(&text).ok())
-                .and_then(|stats| stats["fetchedPercent"].as_f64())
+            // Live: the stats file is only saved now and then.
+            true => crate::fs::lazy::stats_now(&live.spec.reference, &live.spec.mountpoint, layers)
+                ["fetchedPercent"]
+                .as_f64()
                 .unwrap_or(0.0),
         };
         let record = &live.mount.record;

@@ -18,7 +18,7 @@
 //! `s` directory itself.
 
 use super::daemon::{alive, cmdline, mountinfo_points};
-use super::registry::{output_with_timeout, skopeo_push, Registry};
+use super::registry::{output_with_timeout, skopeo_push, Client, Registry};
 use super::{describe, sha256_hex};
 use serde_json::Value;
 use std::io::Write;
@@ -288,6 +288,15 @@ impl Containerd {
         out.lines().skip(1).find_map(|line| {
             let fields: Vec<&str> = line.split_whitespace().collect();
             (fields.first() == Some(&id)).then(|| fields.get(1)?.parse().ok()).flatten()
+        })
+    }
+
+    /// The status of task `id` (`ctr task ls`: `RUNNING`, `STOPPED`…), if it exists.
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        let out = self.ctr_ok(&["task", "ls"]);
+        out.lines().skip(1).find_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.first() == Some(&id)).then(|| fields.get(2).map(|s| s.to_string())).flatten()
         })
     }
 
@@ -561,23 +570,74 @@ pub fn push_debian(registry: &Registry, repo_tag: &str) -> Option<String> {
 /// layer blobs, as the oracle for what a container prints).
 pub fn debian_version() -> Option<String> {
     let layout = super::daemon::debian_layout()?;
-    let json = |path: PathBuf| -> Value {
-        serde_json::from_slice(&std::fs::read(&path).unwrap())
-            .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-    };
-    let blob = |digest: &str| layout.join("blobs/sha256").join(&digest["sha256:".len()..]);
-    let index = json(layout.join("index.json"));
+    let text = layout_file(&layout, "demo", "etc/debian_version")
+        .expect("the Debian image has no /etc/debian_version");
+    Some(String::from_utf8(text).unwrap())
+}
+
+/// The layout `scripts/make-images.sh NAME` builds (`debian`,
+/// `debian-python`, `debian-nginx`…), built once and cached under
+/// `$RMOUNT_IMAGE_CACHE` like [`super::daemon::debian_layout`]: `None`
+/// (skip) when it is not built and the tools that build it are missing (a
+/// failure under `CI=true`).
+pub fn image_layout(name: &str) -> Option<PathBuf> {
+    let cache = std::env::var_os("RMOUNT_IMAGE_CACHE")
+        .map_or_else(|| PathBuf::from("/var/cache/rmount-images"), PathBuf::from);
+    if !cache.join(name).join("index.json").exists()
+        && !["mmdebstrap", "umoci"].iter().all(|t| super::require(t, super::which(t)))
+    {
+        return None;
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-images.sh");
+    let start = Instant::now();
+    let out = super::run_ok(Command::new(script).arg(name));
+    eprintln!("scripts/make-images.sh {name}: {:?}", start.elapsed());
+    Some(PathBuf::from(out.trim()))
+}
+
+fn read_json(path: &Path) -> Value {
+    serde_json::from_slice(&std::fs::read(path).unwrap())
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The manifest of tag `tag` in the OCI layout `layout`.
+pub fn layout_manifest(layout: &Path, tag: &str) -> Value {
+    let index = read_json(&layout.join("index.json"));
     let desc = index["manifests"]
         .as_array()
         .unwrap()
         .iter()
-        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == "demo")
-        .unwrap()
+        .find(|m| m["annotations"]["org.opencontainers.image.ref.name"] == tag)
+        .unwrap_or_else(|| panic!("no tag {tag} in {}", layout.display()))
         .clone();
-    let manifest = json(blob(desc["digest"].as_str().unwrap()));
+    read_json(&layout_blob(layout, desc["digest"].as_str().unwrap()))
+}
+
+fn layout_blob(layout: &Path, digest: &str) -> PathBuf {
+    layout.join("blobs/sha256").join(&digest["sha256:".len()..])
+}
+
+/// The (digest, size) of each layer of tag `tag` in `layout`, bottom first.
+pub fn layout_layers(layout: &Path, tag: &str) -> Vec<(String, u64)> {
+    let manifest = layout_manifest(layout, tag);
+    manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| (l["digest"].as_str().unwrap().to_string(), l["size"].as_u64().unwrap()))
+        .collect()
+}
+
+/// The content of regular file `path` (relative, e.g. `etc/debian_version`)
+/// in the image of tag `tag` in `layout`, read from its layer blobs (the
+/// top layer that has it wins; a whiteout of it or of a parent in a later
+/// layer hides it): the oracle for what a container reads.
+pub fn layout_file(layout: &Path, tag: &str, path: &str) -> Option<Vec<u8>> {
+    let manifest = layout_manifest(layout, tag);
     let mut found = None;
     for layer in manifest["layers"].as_array().unwrap() {
-        let file = std::fs::File::open(blob(layer["digest"].as_str().unwrap())).unwrap();
+        let file =
+            std::fs::File::open(layout_blob(layout, layer["digest"].as_str().unwrap())).unwrap();
         let media_type = layer["mediaType"].as_str().unwrap_or("");
         let reader: Box<dyn std::io::Read> = if media_type.ends_with("gzip") {
             Box::new(flate2::read::GzDecoder::new(file))
@@ -589,15 +649,46 @@ pub fn debian_version() -> Option<String> {
         let mut archive = tar::Archive::new(reader);
         for entry in archive.entries().unwrap() {
             let mut entry = entry.unwrap();
-            let path = entry.path().unwrap().to_string_lossy().trim_start_matches("./").to_string();
-            if path == "etc/debian_version" && entry.header().entry_type().is_file() {
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut entry, &mut text).unwrap();
-                found = Some(text);
+            let name = entry.path().unwrap().to_string_lossy().trim_start_matches("./").to_string();
+            let name = name.trim_end_matches('/');
+            if name == path && entry.header().entry_type().is_file() {
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+                found = Some(data);
+            } else if let Some((dir, base)) = name.rsplit_once('/').or(Some(("", name))) {
+                // A whiteout of the path or of one of its parents.
+                if let Some(hidden) = base.strip_prefix(".wh.") {
+                    let hidden =
+                        if dir.is_empty() { hidden.to_string() } else { format!("{dir}/{hidden}") };
+                    if path == hidden || path.starts_with(&format!("{hidden}/")) {
+                        found = None;
+                    }
+                }
             }
         }
     }
-    Some(found.expect("the Debian image has no /etc/debian_version"))
+    found
+}
+
+/// Publishes the image of tag `tag` in `layout` the way an image with an
+/// rmount index artifact is published: pushed to `registry` as
+/// `REPO_TAG` (skopeo), pulled into a publisher's store under `dir` and
+/// `rmount index build REF --push`. Returns `ADDR/REPO_TAG`.
+pub fn publish_with_index(
+    registry: &Registry,
+    layout: &Path,
+    tag: &str,
+    repo_tag: &str,
+    dir: &Path,
+) -> String {
+    let start = Instant::now();
+    skopeo_push(layout, tag, registry.addr(), repo_tag, &[]);
+    let reference = format!("{}/{repo_tag}", registry.addr());
+    let publisher = Client::new(dir);
+    publisher.pull(&reference, &["-q"]);
+    publisher.ok(&["index", "build", &reference, "--push"]);
+    eprintln!("published {reference} with its index artifact: {:?}", start.elapsed());
+    reference
 }
 
 /// A TOML basic string.

@@ -688,3 +688,77 @@ fn containerd_restart_keeps_snapshots() {
     lazy.ctd.kill_task(&id);
     lazy.assert_fetched_a_fraction();
 }
+
+/// The entries of a gzip'd layer tar: path (no `./`, no trailing `/`) →
+/// kind and, for a file, its content's sha256. Whiteouts are files named
+/// `.wh.*`; their modes differ between writers and are left out.
+fn layer_entries(gz: &[u8]) -> std::collections::BTreeMap<String, String> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(gz));
+    let mut entries = std::collections::BTreeMap::new();
+    for entry in archive.entries().expect("tar") {
+        let mut entry = entry.expect("tar entry");
+        let path = entry.path().expect("path").to_string_lossy().into_owned();
+        let path = path.trim_start_matches("./").trim_end_matches('/').to_owned();
+        if path.is_empty() || path == "." {
+            continue;
+        }
+        let kind = entry.header().entry_type();
+        let what = if kind.is_file() {
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).expect("read");
+            format!("file {}", sha256_hex(&data))
+        } else {
+            format!("{kind:?}")
+        };
+        entries.insert(path, what);
+    }
+    entries
+}
+
+/// A container's changes, committed by containerd's differ (`ctr snapshot
+/// diff`) and by `rmount commit --snapshot`, are the same layer entries;
+/// rmount's commit is an image whose container sees the changes.
+#[test]
+fn commit_of_a_lazy_container_matches_containerds_diff() {
+    if !require_root_fuse(LAZY_TOOLS) {
+        return;
+    }
+    let Some(w) = python_or_debian() else { return };
+    let lazy = Lazy::start(&w.layout, w.tag, "lazy/commit:v1");
+    lazy.rpull();
+    let id = unique_id("lazy-commit");
+    let script = "echo hello > /hello.txt && rm /etc/motd && mkdir -p /new/sub && \
+                  echo deep > /new/sub/f && ln -s /hello.txt /new/link && touch /ready && sleep 300";
+    lazy.ctd.run_detached("stargz", &lazy.image, &id, &["sh", "-c", script]);
+    wait_for("the container's changes", &lazy.ctd, || {
+        lazy.ctd
+            .ctr(&["task", "exec", "--exec-id", &unique_id("probe"), &id, "test", "-e", "/ready"])
+            .status
+            .success()
+    });
+
+    let diff = lazy.ctd.ctr(&["snapshot", "--snapshotter", "stargz", "diff", &id]);
+    assert!(diff.status.success(), "ctr snapshot diff: {}", describe(&diff));
+    let theirs = layer_entries(&diff.stdout);
+
+    let committed = "localhost/committed:v1";
+    lazy.daemon.ok(&["commit", "--snapshot", &id, committed]);
+    let inspect: Value = serde_json::from_str(&lazy.daemon.ok(&["inspect", committed])).unwrap();
+    let top = inspect[0]["Layers"].as_array().and_then(|l| l.last()).expect("layers").clone();
+    let digest = top["Digest"].as_str().expect("digest");
+    let blob = lazy.daemon.root.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let ours = layer_entries(&std::fs::read(&blob).expect("committed layer"));
+    eprintln!("containerd's diff: {theirs:#?}\nrmount commit: {ours:#?}");
+    assert_eq!(ours, theirs, "rmount commit --snapshot and containerd's differ");
+    for path in ["hello.txt", "etc/.wh.motd", "new/sub/f", "new/link", "ready"] {
+        assert!(ours.contains_key(path), "{path} in the committed layer");
+    }
+
+    // The committed image holds the container's changes.
+    let mnt = tempdir();
+    lazy.daemon.mount(committed, mnt.path(), true);
+    assert_eq!(std::fs::read_to_string(mnt.path().join("new/sub/f")).unwrap(), "deep\n");
+    assert!(!mnt.path().join("etc/motd").exists(), "the deleted file stays deleted");
+    lazy.daemon.umount(mnt.path());
+    lazy.ctd.kill_task(&id);
+}

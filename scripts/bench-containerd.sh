@@ -36,18 +36,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-lib.sh
-if [[ -n ${RMOUNT_BIN:-} ]]; then
-  # bench_init without the release build.
-  scripts/setup.sh
-  RMOUNT=$(realpath "$RMOUNT_BIN")
-  RUNS=${RUNS:-3}
-  WORK=$(mktemp -d /tmp/rmount-bench.XXXXXX)
-  MOUNTS=()
-  ROWS=()
-  trap bench_cleanup EXIT
-else
-  bench_init
-fi
+bench_init
 for tool in containerd ctr ctr-remote runc nsenter curl docker-registry skopeo; do
   command -v "$tool" > /dev/null || { echo "bench-containerd: $tool is missing" >&2; exit 1; }
 done

@@ -31,18 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/bench-lib.sh
-if [[ -n ${RMOUNT_BIN:-} ]]; then
-  # bench_init without the release build.
-  scripts/setup.sh
-  RMOUNT=$(realpath "$RMOUNT_BIN")
-  RUNS=${RUNS:-3}
-  WORK=$(mktemp -d /tmp/rmount-bench.XXXXXX)
-  MOUNTS=()
-  ROWS=()
-  trap bench_cleanup EXIT
-else
-  bench_init
-fi
+bench_init
 if ! command -v strace > /dev/null; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends strace > /dev/null ||
     { apt-get update > /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends strace > /dev/null; } ||

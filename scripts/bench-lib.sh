@@ -1,12 +1,17 @@
 # Shared by scripts/bench-read.sh and scripts/bench-write.sh; sourced, not run.
 # The caller has `cd`ed to the repository root and set `set -euo pipefail`.
 
-# Installs what the benchmarks use, builds rmount, makes the scratch dir $WORK
-# (removed on exit, after unmounting everything listed in MOUNTS).
+# Installs what the benchmarks use, builds rmount (or takes the binary at
+# $RMOUNT_BIN), makes the scratch dir $WORK (removed on exit, after
+# unmounting everything listed in MOUNTS).
 bench_init() {
   scripts/setup.sh
-  cargo build --release --locked
-  RMOUNT=$PWD/target/release/rmount
+  if [[ -n ${RMOUNT_BIN:-} ]]; then
+    RMOUNT=$(realpath "$RMOUNT_BIN")
+  else
+    cargo build --release --locked
+    RMOUNT=$PWD/target/release/rmount
+  fi
   RUNS=${RUNS:-3}
   WORK=$(mktemp -d /tmp/rmount-bench.XXXXXX)
   MOUNTS=()

@@ -199,16 +199,7 @@ fn pull_leased(
     let parsed: ImageManifest = serde_json::from_slice(&manifest.bytes)
         .map_err(|e| invalid(format!("manifest {}", manifest.digest), e))?;
     let config_digest = parse_digest(parsed.config().digest().as_ref(), "config")?;
-    let config = repository.read_range(&config_digest, 0, parsed.config().size())?;
-    let actual = Digest::of(&config);
-    if actual != config_digest {
-        return Err(RegistryError::DigestMismatch {
-            what: format!("config of {}", repository.full_name()),
-            expected: config_digest.to_string(),
-            actual,
-        }
-        .into());
-    }
+    let config = repository.read_verified(&config_digest, parsed.config().size(), "config")?;
     let layers = layers(&parsed, &config, &config_digest)?;
 
     // Content: config, then manifest, then index, each referring to the

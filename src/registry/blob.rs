@@ -57,6 +57,26 @@ impl Repository {
         }
     }
 
+    /// Reads a whole small blob (a config) and checks its digest; `what`
+    /// names it in the error.
+    pub fn read_verified(
+        &self,
+        digest: &Digest,
+        size: u64,
+        what: &str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let data = self.read_range(digest, 0, size)?;
+        let actual = Digest::of(&data);
+        if &actual != digest {
+            return Err(RegistryError::DigestMismatch {
+                what: format!("{what} of {}", self.full_name()),
+                expected: digest.to_string(),
+                actual,
+            });
+        }
+        Ok(data)
+    }
+
     fn blob_stream(
         &self,
         digest: &Digest,

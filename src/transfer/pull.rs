@@ -150,16 +150,7 @@ fn pull_image(
         .map_err(|e| invalid(format!("manifest {}", manifest.digest), e))?;
     let config = descriptor_digest(parsed.config())?;
     if !store.blob_path(&config).exists() {
-        let data = repository.read_range(&config, 0, parsed.config().size())?;
-        let actual = Digest::of(&data);
-        if actual != config {
-            return Err(RegistryError::DigestMismatch {
-                what: format!("config of {}", repository.full_name()),
-                expected: config.to_string(),
-                actual,
-            }
-            .into());
-        }
+        let data = repository.read_verified(&config, parsed.config().size(), "config")?;
         store.put_blob_bytes(&data)?;
     }
     let layers = parsed

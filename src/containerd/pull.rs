@@ -212,7 +212,7 @@ fn pull_leased(
         );
     }
     containerd.write_content(
-        &format!("rmount-config-{config_digest}"),
+        &format!("rmount-config-{config_digest}-{}", unique()),
         &config_digest.to_string(),
         &config,
         &labels,
@@ -278,7 +278,7 @@ fn write_manifest(
 ) -> Result<(), PullError> {
     let kind = if manifest.is_index() { "index" } else { "manifest" };
     containerd.write_content(
-        &format!("rmount-{kind}-{}", manifest.digest),
+        &format!("rmount-{kind}-{}-{}", manifest.digest, unique()),
         &manifest.digest.to_string(),
         &manifest.bytes,
         labels,
@@ -425,7 +425,7 @@ fn fetch_layer(
     let stream = repository.blob(&layer.digest, layer.size)?;
     let mut hashing = HashingReader::new(stream);
     let written = containerd.write_content_from(
-        &format!("rmount-layer-{digest}"),
+        &format!("rmount-layer-{digest}-{}", unique()),
         &digest,
         layer.size,
         &mut hashing,
@@ -449,7 +449,9 @@ fn fetch_layer(
 }
 
 /// A string unique to this call: `<unix nanos>-<random>`, like
-/// containerd's unpack keys.
+/// containerd's unpack keys. Content-write refs carry one too, so that two
+/// pulls of one image do not wait on each other's ref lock (the second
+/// commit finds the blob there).
 fn unique() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

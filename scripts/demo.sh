@@ -67,11 +67,11 @@ docker-registry serve "$REG_DIR/config.yml" > "$REG_DIR/log" 2>&1 &
 REG_PID=$!
 stop_demo_daemons() {
     for store in "$REG_DIR/store" "$REG_DIR/lazy"; do
-        [[ -d $store ]] && "$RMOUNT" --root "$store" daemon stop 2>/dev/null
+        [[ ! -d $store ]] || "$RMOUNT" --root "$store" daemon stop 2>/dev/null || true
     done
-    kill $REG_PID 2>/dev/null
+    kill $REG_PID 2>/dev/null || true
     rm -rf "$REG_DIR"
-    rmdir "$MNT"
+    rmdir "$MNT" 2>/dev/null || true
 }
 trap stop_demo_daemons EXIT
 until curl -s -o /dev/null "http://127.0.0.1:$PORT/v2/"; do sleep 0.1; done
@@ -91,4 +91,38 @@ chroot "$MNT" /bin/cat /etc/motd
 sleep 1.2   # the daemon refreshes its statistics every second
 "$RMOUNT" --root "$REG_DIR/lazy" stats "$MNT"
 "$RMOUNT" --root "$REG_DIR/lazy" umount "$MNT"
+
+echo "== containerd on rmount: a private containerd whose snapshotter is the same daemon"
+SNAP_SOCK=$("$RMOUNT" --root "$REG_DIR/lazy" daemon status --json |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["snapshotterSocket"])')
+CTRD=$REG_DIR/containerd
+mkdir -p "$CTRD"
+cat > "$CTRD/config.toml" <<TOML
+version = 2
+root = "$CTRD/root"
+state = "$CTRD/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper"]
+[grpc]
+  address = "$CTRD/containerd.sock"
+[ttrpc]
+  address = "$CTRD/containerd.sock.ttrpc"
+[proxy_plugins.rmount]
+  type = "snapshot"
+  address = "$SNAP_SOCK"
+TOML
+containerd --config "$CTRD/config.toml" > "$CTRD/log" 2>&1 &
+CTRD_PID=$!
+stop_demo_containerd() {
+    kill $CTRD_PID 2>/dev/null && wait $CTRD_PID 2>/dev/null || true
+    stop_demo_daemons
+}
+trap stop_demo_containerd EXIT
+CTR=(ctr --address "$CTRD/containerd.sock" --namespace rmount-demo)
+until "${CTR[@]}" version > /dev/null 2>&1; do sleep 0.1; done
+echo "== rmount containerd pull: containerd gets the image; its layers stay in the registry"
+time "$RMOUNT" --root "$REG_DIR/lazy" containerd pull --address "$CTRD/containerd.sock" \
+    --namespace rmount-demo "127.0.0.1:$PORT/demo/debian:changed"
+"${CTR[@]}" run --rm --snapshotter rmount --runc-root "$CTRD/runc" --fifo-dir "$CTRD/fifo" --cgroup= \
+    "127.0.0.1:$PORT/demo/debian:changed" rmount-demo cat /etc/motd
+"$RMOUNT" --root "$REG_DIR/lazy" ps
 echo "demo done"

@@ -427,6 +427,6 @@ done
     echo "FAILED runs: see the run's output (\`$(grep -c '^FAILED' "$WORK/failures")\` failures)."
     echo
   fi
-  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, kernel $(uname -r)${RMOUNT_BIN:+, with $RMOUNT_BIN (not a release build)};"
+  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, kernel $(uname -r)${RMOUNT_BIN:+, with the binary $RMOUNT_BIN (RMOUNT_BIN; not built by the script)};"
   echo "load average (1, 5, 15 min) $LOAD_START at the start, $(cut -d' ' -f1-3 /proc/loadavg) at the end."
 } | write_section bench-containerd

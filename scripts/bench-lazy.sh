@@ -420,5 +420,5 @@ done
     echo "FAILED cells: see the run's output (\`$(grep -c '^FAILED' "$WORK/failures")\` failures)."
     echo
   fi
-  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, kernel $(uname -r)${RMOUNT_BIN:+, with $RMOUNT_BIN (not a release build)}."
+  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) cores, kernel $(uname -r)${RMOUNT_BIN:+, with the binary $RMOUNT_BIN (RMOUNT_BIN; not built by the script)}."
 } | write_section bench-lazy

@@ -14,7 +14,9 @@
 //!   `overlayfs`), every layer falls back to a download into containerd's
 //!   content store and containerd's unpacking, and the image runs too;
 //! * so it does on rmount's snapshotter when the daemon cannot reach the
-//!   image (a registry name only the pull's `--hosts-dir` maps).
+//!   image (a registry name only the pull's `--hosts-dir` maps), and when
+//!   the image has no layer index anywhere (rmount serves a layer lazily
+//!   only with its index; it never downloads one whole for containerd).
 
 mod common;
 
@@ -244,4 +246,33 @@ fn containerd_pull_unpacks_layers_rmount_cannot_reach() {
     assert_eq!(leases(&ctd), Vec::<String>::new(), "the pull's lease is left");
     let id = unique_id("cdpull-fallback");
     assert_eq!(ctd.run_ok("rmount", image, &id, &["cat", "/etc/debian_version"]), version);
+}
+
+#[test]
+fn containerd_pull_unpacks_layers_without_an_index() {
+    if !require_root_fuse(TOOLS) {
+        return;
+    }
+    let Some(version) = debian_version() else { return };
+    let tmp = tempdir();
+    let registry = Registry::plain();
+    let Some(image) = publish_debian(tmp.path(), &registry, "debian/unindexed", false) else {
+        return;
+    };
+    let daemon = Daemon::new(tmp.path());
+    daemon.ok(&["daemon"]);
+    let socket = snapshotter_socket(&daemon);
+    let ctd = Containerd::start(&tmp.path().join("containerd"), &[("rmount", &socket)]);
+
+    let pulled = containerd_pull(&daemon, &ctd, "rmount", &image, &[]);
+    assert!(outcomes(&pulled).iter().all(|o| o == "unpacked"), "{pulled:#}");
+    assert!(daemon.ps().is_empty(), "no lazy mount: {:#?}", daemon.ps());
+    let blobs = std::fs::read_dir(daemon.root.join("blobs/sha256")).unwrap();
+    let layers = layer_digests(&pulled);
+    for blob in blobs {
+        let name = format!("sha256:{}", blob.unwrap().file_name().to_string_lossy());
+        assert!(!layers.contains(&name), "rmount downloaded layer {name} for containerd");
+    }
+    let id = unique_id("cdpull-unindexed");
+    assert_eq!(ctd.run_ok("rmount", &image, &id, &["cat", "/etc/debian_version"]), version);
 }

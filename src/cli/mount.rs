@@ -12,7 +12,7 @@ use crate::platform::Platform;
 use crate::reference::Reference;
 use crate::registry::{AuthFile, Hosts};
 use crate::store::{Store, StoreError};
-use crate::transfer::{self, PullOptions};
+use crate::transfer::{self, LayerData, PullOptions};
 use anyhow::{bail, Context, Result};
 use std::ffi::OsStr;
 use std::io::IsTerminal;
@@ -186,7 +186,8 @@ fn lazy_pull(store: &Store, args: &MountArgs) -> Result<()> {
         Some(p) => p.parse::<Platform>()?,
         None => Platform::host(),
     };
-    let options = PullOptions { platform, all_platforms: false, jobs: 3, lazy: true };
+    let options =
+        PullOptions { platform, all_platforms: false, jobs: 3, layers: LayerData::IndexesOrBlobs };
     let bars = Bars::new("Indexing", !std::io::stderr().is_terminal());
     transfer::pull(store, &client(&args.registry)?, &reference, &options, &bars)
         .with_context(|| format!("resolving {reference} in its registry"))?;

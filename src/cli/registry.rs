@@ -8,7 +8,7 @@ use crate::platform::Platform;
 use crate::reference::{Reference, DEFAULT_REGISTRY};
 use crate::registry::{AuthFile, Client, ClientOptions, Credential, Hosts, RetryPolicy};
 use crate::store::Store;
-use crate::transfer::{self, BlobOutcome, Progress, PullOptions, PushOptions};
+use crate::transfer::{self, BlobOutcome, LayerData, Progress, PullOptions, PushOptions};
 use anyhow::{bail, Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::HashMap;
@@ -44,7 +44,7 @@ pub fn pull(root: &Path, args: &PullArgs) -> Result<()> {
         platform,
         all_platforms: args.all_platforms,
         jobs: args.max_concurrent_downloads,
-        lazy: false,
+        layers: LayerData::Blobs,
     };
     let store = open_store(root)?;
     let bars = Bars::new("Downloading", args.output.quiet);

@@ -7,11 +7,12 @@
 use super::protocol::{MountSpec, PrefetchSpec, RegistrySettings};
 use super::table::Daemon;
 use crate::digest::Digest;
+use crate::layer::has_index;
 use crate::platform::Platform;
 use crate::reference::Reference;
 use crate::snapshotter::remote::{LazyLayers, RemoteLayers};
 use crate::store::Image;
-use crate::transfer::{self, NoProgress, PullOptions};
+use crate::transfer::{self, LayerData, NoProgress, PullOptions};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -41,7 +42,7 @@ impl LazyLayers for Daemon {
                     platform: Platform::host(),
                     all_platforms: false,
                     jobs: 3,
-                    lazy: true,
+                    layers: LayerData::IndexesOnly,
                 };
                 transfer::pull(store, &client, &reference, &options, &NoProgress)
                     .map_err(|e| format!("pulling {image} lazily: {e}"))?;
@@ -49,6 +50,15 @@ impl LazyLayers for Daemon {
             }
         };
         let Some(index) = position(&resolved, layer) else { return Ok(None) };
+        // Served lazily only with an index (or the blob) for it and every
+        // layer below; else containerd unpacks it.
+        let index_dir = store.index_dir();
+        let servable = |l: &crate::store::LayerDesc| {
+            store.blob_path(&l.digest).exists() || has_index(&index_dir, &l.digest)
+        };
+        if !resolved.layers[..=index].iter().all(servable) {
+            return Ok(None);
+        }
         let pinned = Reference { tag: None, digest: Some(resolved.manifest_digest), ..reference };
         Ok(Some(RemoteLayers { image: pinned.to_string(), layers: index + 1 }))
     }

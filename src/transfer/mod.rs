@@ -16,7 +16,7 @@ pub use index_artifact::{
     build_index_artifact, fetch_index_artifact, IndexArtifactReport, IndexedLayer, ListBlob,
     INDEX_ARTIFACT_TYPE, LAYER_DIGEST_ANNOTATION, LAYER_INDEX_MEDIA_TYPE,
 };
-pub use pull::{pull, PullOptions, Pulled};
+pub use pull::{pull, LayerData, PullOptions, Pulled};
 pub use push::{push, PushOptions, Pushed};
 
 use crate::digest::Digest;

@@ -31,15 +31,27 @@ pub struct PullOptions {
     pub all_platforms: bool,
     /// Layers downloaded at once.
     pub jobs: usize,
-    /// For a lazy mount: fetch only each layer's index (from the local
-    /// index cache or an index artifact in the registry); a layer is
-    /// downloaded only when neither has its index.
-    pub lazy: bool,
+    /// What to bring of each layer.
+    pub layers: LayerData,
+}
+
+/// What a pull brings of each layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerData {
+    /// The whole blob (a plain pull).
+    Blobs,
+    /// For a lazy mount: only its index (from the local index cache, an
+    /// eStargz table of contents or an index artifact in the registry); a
+    /// layer without one anywhere is downloaded whole.
+    IndexesOrBlobs,
+    /// Only its index; a layer without one is left out (the containerd
+    /// snapshotter then lets containerd unpack it).
+    IndexesOnly,
 }
 
 impl Default for PullOptions {
     fn default() -> Self {
-        Self { platform: Platform::host(), all_platforms: false, jobs: 3, lazy: false }
+        Self { platform: Platform::host(), all_platforms: false, jobs: 3, layers: LayerData::Blobs }
     }
 }
 
@@ -158,11 +170,23 @@ fn pull_image(
         .iter()
         .map(|d| Ok((descriptor_digest(d)?, d.size())))
         .collect::<Result<Vec<_>, TransferError>>()?;
-    let layers = if options.lazy {
-        let tocs = TocHints::of(store, &parsed, &config);
-        layers_without_index(store, repository, &manifest.digest, layers, &tocs)
-    } else {
-        layers
+    let layers = match options.layers {
+        LayerData::Blobs => layers,
+        lazy => {
+            let tocs = TocHints::of(store, &parsed, &config);
+            let unindexed =
+                layers_without_index(store, repository, &manifest.digest, layers, &tocs);
+            let leave_out = lazy == LayerData::IndexesOnly;
+            let what = if leave_out { "leaving it out" } else { "downloading it in full" };
+            for (digest, _) in &unindexed {
+                tracing::warn!(layer = %digest, "no index for this layer: {what} (`rmount index build --push` publishes indexes)");
+            }
+            if leave_out {
+                Vec::new()
+            } else {
+                unindexed
+            }
+        }
     };
     fetch_layers(store, repository, &layers, options.jobs, progress)?;
     store.put_blob_bytes(&manifest.bytes)?;
@@ -193,9 +217,6 @@ fn layers_without_index(
     match fetch_index_artifact(repository, manifest, &digests, &index_dir) {
         Ok(found) => missing.retain(|(d, _)| !found.contains(d)),
         Err(e) => tracing::warn!(error = %e, "cannot use the image's index artifact"),
-    }
-    for (digest, _) in &missing {
-        tracing::warn!(layer = %digest, "no index for this layer: downloading it in full (`rmount index build --push` publishes indexes)");
     }
     missing
 }

@@ -9,7 +9,9 @@
 //! A lazily served snapshot's `fs` holds the union of every layer below it
 //! too, so the mounts of a snapshot on top stop at it (see `parent_ids`).
 //! That is why a layer is served lazily only when its parent is (or it has
-//! none); anything else falls back to containerd's ordinary unpacking.
+//! none) and an index for it exists (rmount never downloads a layer whole
+//! for containerd); anything else falls back to containerd's ordinary
+//! unpacking.
 
 use super::{Result, SnapshotError, Snapshots};
 use crate::digest::Digest;

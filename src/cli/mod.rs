@@ -74,7 +74,7 @@ pub enum Command {
     /// Unmount an image mounted by rmount.
     #[command(alias = "unmount")]
     Umount(UmountArgs),
-    /// Create a new image from a mount's changes.
+    /// Create a new image from a mount's changes (or a containerd container's, with --snapshot).
     Commit(CommitArgs),
     /// Show the changes of a mount against its image (A added, C changed, D deleted).
     Diff(DiffArgs),
@@ -87,7 +87,7 @@ pub enum Command {
     /// List the daemon's mounts.
     #[command(alias = "mounts")]
     Ps(PsArgs),
-    /// Work with a running containerd (pull images its layers served lazily by rmount).
+    /// Work with a running containerd (pull images whose layers rmount serves lazily).
     Containerd(ContainerdArgs),
 }
 

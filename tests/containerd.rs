@@ -351,11 +351,16 @@ struct Lazy {
 
 impl Lazy {
     fn start(layout: &Path, tag: &str, repo_tag: &str) -> Lazy {
+        Lazy::start_with(layout, tag, repo_tag, &[])
+    }
+
+    /// [`Lazy::start`] with extra `rmount daemon` flags.
+    fn start_with(layout: &Path, tag: &str, repo_tag: &str, daemon_flags: &[&str]) -> Lazy {
         let tmp = tempdir();
         let registry = Registry::plain();
         let image = publish_with_index(&registry, layout, tag, repo_tag, &tmp.path().join("pub"));
         let daemon = Daemon::new(tmp.path());
-        daemon.ok(&["daemon"]);
+        daemon.ok(&[&["daemon"], daemon_flags].concat());
         let socket = snapshotter_socket(&daemon);
         let start = Instant::now();
         let ctd = Containerd::start(
@@ -760,5 +765,57 @@ fn commit_of_a_lazy_container_matches_containerds_diff() {
     assert_eq!(std::fs::read_to_string(mnt.path().join("new/sub/f")).unwrap(), "deep\n");
     assert!(!mnt.path().join("etc/motd").exists(), "the deleted file stays deleted");
     lazy.daemon.umount(mnt.path());
+    lazy.ctd.kill_task(&id);
+}
+
+/// `rmount daemon --snapshot-union fuse`: a container's rootfs over lazy
+/// layers is rmount's own writable FUSE union (containerd bind-mounts it;
+/// no kernel overlayfs), for kernels whose overlayfs refuses FUSE lowers.
+/// Containers run, write, survive a daemon restart, and commit.
+#[test]
+fn fuse_union_serves_container_rootfs_without_kernel_overlayfs() {
+    if !require_root_fuse(LAZY_TOOLS) {
+        return;
+    }
+    let Some(w) = python_or_debian() else { return };
+    let lazy = Lazy::start_with(&w.layout, w.tag, "lazy/fuse:v1", &["--snapshot-union", "fuse"]);
+    lazy.rpull();
+    let id = unique_id("fuse-run");
+    assert_eq!(lazy.ctd.run_ok("stargz", &lazy.image, &id, &w.cmd), w.expected);
+
+    let id = unique_id("fuse-loop");
+    let script = "echo written > /written.txt && rm /etc/motd && touch /ready && sleep 300";
+    let pid = lazy.ctd.run_detached("stargz", &lazy.image, &id, &["sh", "-c", script]);
+    let mounts = lazy.ctd.ctr_ok(&["snapshot", "--snapshotter", "stargz", "mounts", "/mnt", &id]);
+    assert!(
+        mounts.contains("-t bind") && mounts.contains("/rootfs "),
+        "a bind of the FUSE union's rootfs: {mounts}"
+    );
+    let writable: Vec<Value> =
+        lazy.daemon.ps().into_iter().filter(|m| m["readOnly"] == false).collect();
+    assert_eq!(writable.len(), 1, "one writable FUSE union: {:#?}", lazy.daemon.ps());
+    wait_for("the container's changes", &lazy.ctd, || {
+        lazy.ctd
+            .ctr(&["task", "exec", "--exec-id", &unique_id("probe"), &id, "test", "-e", "/ready"])
+            .status
+            .success()
+    });
+
+    let before = lazy.daemon.pong();
+    lazy.daemon.ok(&["daemon", "restart"]);
+    lazy.daemon.wait_new_worker(before.pid, Duration::from_secs(10));
+    assert_eq!(lazy.ctd.task_pid(&id), Some(pid), "the container after a daemon restart");
+    assert_eq!(lazy.ctd.exec_ok(&id, &["cat", "/written.txt"]), "written\n");
+    let (cmd, expected) = &w.others[0];
+    assert_eq!(&lazy.ctd.exec_ok(&id, cmd), expected, "a new read after the restart");
+
+    let diff = lazy.ctd.ctr(&["snapshot", "--snapshotter", "stargz", "diff", &id]);
+    assert!(diff.status.success(), "ctr snapshot diff: {}", describe(&diff));
+    let theirs = layer_entries(&diff.stdout);
+    assert!(
+        theirs.contains_key("written.txt") && theirs.contains_key("etc/.wh.motd"),
+        "{theirs:#?}"
+    );
+    lazy.daemon.ok(&["commit", "--snapshot", &id, "localhost/fuse-committed:v1"]);
     lazy.ctd.kill_task(&id);
 }

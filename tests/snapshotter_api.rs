@@ -11,7 +11,7 @@ mod common;
 use pb::snapshots_client::SnapshotsClient;
 use rmount::containerd::api::services::snapshots::v1 as pb;
 use rmount::containerd::api::types::Mount;
-use rmount::snapshotter::service::{self, SnapshotService};
+use rmount::snapshotter::service::{self, ActiveUnion, SnapshotService};
 use rmount::snapshotter::Snapshots;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -49,7 +49,7 @@ impl Api {
         let snapshots = Arc::new(Snapshots::open(&dir.path().join("store")).expect("open store"));
         let socket = dir.path().join("snapshotter.sock");
         let listener = std::os::unix::net::UnixListener::bind(&socket).expect("bind");
-        let service = SnapshotService::new(snapshots, None);
+        let service = SnapshotService::new(snapshots, None, ActiveUnion::Overlayfs);
         std::thread::spawn(move || service::serve(service, listener));
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let client = runtime

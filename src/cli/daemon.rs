@@ -7,6 +7,7 @@ use crate::daemon::client::DaemonClient;
 use crate::daemon::protocol::{Reply, Request};
 use crate::daemon::table::DaemonOptions;
 use crate::daemon::{keeper, server, DaemonError, DaemonPaths};
+use crate::snapshotter::service::ActiveUnion;
 use crate::store::Store;
 use anyhow::{bail, Context, Result};
 use std::ffi::OsString;
@@ -59,6 +60,10 @@ fn options(args: &DaemonArgs) -> DaemonOptions {
         disk_bytes: args.cache_size,
         threads: args.threads,
         metrics: args.metrics.clone(),
+        active_union: match args.snapshot_union.as_str() {
+            "fuse" => ActiveUnion::Fuse,
+            _ => ActiveUnion::Overlayfs,
+        },
     }
 }
 
@@ -73,6 +78,7 @@ fn daemon_argv(root: &Path, args: &DaemonArgs) -> Vec<OsString> {
     if let Some(metrics) = &args.metrics {
         argv.push(format!("--metrics={metrics}").into());
     }
+    argv.push(format!("--snapshot-union={}", args.snapshot_union).into());
     argv
 }
 

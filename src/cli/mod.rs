@@ -165,6 +165,11 @@ pub struct DaemonArgs {
     /// (off by default; unauthenticated, so loopback only).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<crate::daemon::metrics::MetricsAddr>,
+    /// What mounts a containerd container's rootfs over lazily served
+    /// layers: kernel `overlayfs` (over FUSE lowers), or rmount's own
+    /// writable `fuse` union where the kernel's overlayfs refuses FUSE lowers.
+    #[arg(long, value_name = "KIND", default_value = "overlayfs", value_parser = ["overlayfs", "fuse"])]
+    pub snapshot_union: String,
     /// Internal: run the worker process (started by the keeper).
     #[arg(long, hide = true)]
     pub worker: bool,
@@ -180,6 +185,7 @@ impl DaemonArgs {
             cache_size,
             threads: 4,
             metrics: None,
+            snapshot_union: "overlayfs".into(),
             worker: false,
         }
     }

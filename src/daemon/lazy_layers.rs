@@ -13,7 +13,7 @@ use crate::reference::Reference;
 use crate::snapshotter::remote::{LazyLayers, RemoteLayers};
 use crate::store::Image;
 use crate::transfer::{self, LayerData, NoProgress, PullOptions};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 /// Seconds a lazily served read retries a failed fetch before `EIO`.
@@ -63,12 +63,17 @@ impl LazyLayers for Daemon {
         Ok(Some(RemoteLayers { image: pinned.to_string(), layers: index + 1 }))
     }
 
-    fn mount(&self, remote: &RemoteLayers, at: &Path) -> Result<(), String> {
+    fn mount(
+        &self,
+        remote: &RemoteLayers,
+        at: &Path,
+        upper: Option<(PathBuf, PathBuf)>,
+    ) -> Result<(), String> {
         let mountpoint = at.canonicalize().map_err(|e| format!("{}: {e}", at.display()))?;
         let spec = MountSpec {
             reference: remote.image.clone(),
             mountpoint,
-            upper: None,
+            upper,
             fetch_timeout_secs: FETCH_TIMEOUT_SECS,
             prefetch: PrefetchSpec::None,
             prefetch_rate: None,

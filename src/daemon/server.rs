@@ -58,7 +58,8 @@ pub fn run_worker(
     if let Err(e) = crate::snapshotter::remote::mount_missing(&snapshots, daemon.as_ref()) {
         tracing::error!("{e}");
     }
-    let service = SnapshotService::new(snapshots.clone(), Some(daemon.clone()));
+    let service =
+        SnapshotService::new(snapshots.clone(), Some(daemon.clone()), options.active_union);
     let rehome_snapshotter =
         snapshotter.try_clone().map_err(DaemonError::io("the snapshotter socket"))?;
     std::thread::spawn(move || {

@@ -29,6 +29,8 @@ pub struct DaemonOptions {
     pub threads: usize,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<super::metrics::MetricsAddr>,
+    /// What mounts containerd's active snapshots over lazily served layers.
+    pub active_union: crate::snapshotter::service::ActiveUnion,
 }
 
 /// A mount's durable record.

@@ -35,6 +35,11 @@ pub(crate) struct Record {
     /// read-only mount of the image's bottom layers).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<RemoteLayers>,
+    /// Set for an active snapshot served by rmount's writable FUSE union
+    /// (over its lazily served parent) rather than kernel overlayfs: its
+    /// mount is a bind of `rootfs`, where the daemon mounts the union.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fuse_union: bool,
 }
 
 /// Reads the record of `key`, if any.

@@ -194,7 +194,44 @@ impl Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels, None)
+        self.create(Kind::Active, key, parent, labels, None, false)
+    }
+
+    /// Creates an active snapshot `key` on the lazily served `parent`, to be
+    /// served by rmount's writable FUSE union instead of kernel overlayfs.
+    /// Returns its dir (holding `fs`, the union's upper, `work` and
+    /// `rootfs`, where the union is to be mounted) and the parent's layers.
+    pub fn prepare_fuse_union(
+        &self,
+        key: &str,
+        parent: &str,
+        labels: BTreeMap<String, String>,
+    ) -> Result<(Vec<Mount>, PathBuf, RemoteLayers)> {
+        let remote = self.remote_of(parent)?.ok_or_else(|| {
+            SnapshotError::InvalidArgument(format!("{parent} is not served lazily"))
+        })?;
+        let mounts = self.create(Kind::Active, key, Some(parent), labels, None, true)?;
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SNAPSHOTS)?;
+        let dir = self.dir_of(metadata::must_get(&table, key)?.id);
+        Ok((mounts, dir, remote))
+    }
+
+    /// Where the daemon serves snapshot `key`, if it does: a remote
+    /// snapshot's `fs`, or a FUSE-union active snapshot's `rootfs`.
+    pub fn served_at(&self, key: &str) -> Result<Option<PathBuf>> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(SNAPSHOTS)?;
+        Ok(self.daemon_mount(&metadata::must_get(&table, key)?))
+    }
+
+    fn daemon_mount(&self, record: &Record) -> Option<PathBuf> {
+        let dir = self.dir_of(record.id);
+        match (&record.remote, record.fuse_union) {
+            (Some(_), _) => Some(dir.join("fs")),
+            (None, true) => Some(dir.join("rootfs")),
+            (None, false) => None,
+        }
     }
 
     /// Creates a read-only View snapshot `key` of committed `parent`.
@@ -204,7 +241,7 @@ impl Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels, None)
+        self.create(Kind::View, key, parent, labels, None, false)
     }
 
     /// Records committed snapshot `name` on top of `parent`, to be served
@@ -216,7 +253,7 @@ impl Snapshots {
         labels: BTreeMap<String, String>,
         remote: RemoteLayers,
     ) -> Result<PathBuf> {
-        self.create(Kind::Committed, name, parent, labels, Some(remote))?;
+        self.create(Kind::Committed, name, parent, labels, Some(remote), false)?;
         self.fs_dir(name)
     }
 
@@ -293,6 +330,7 @@ impl Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
         remote: Option<RemoteLayers>,
+        fuse_union: bool,
     ) -> Result<Vec<Mount>> {
         check_key(key)?;
         let tx = self.db.begin_write()?;
@@ -322,13 +360,14 @@ impl Snapshots {
                 // A remote snapshot's layers take no local disk.
                 usage: remote.as_ref().map(|_| Usage::default()),
                 remote,
+                fuse_union,
             };
             metadata::put(&mut table, key, &record)?;
             let mounts = match kind {
                 Kind::Committed => Vec::new(),
                 _ => self.mounts_of(&table, &record)?,
             };
-            self.create_dir(id)?;
+            self.create_dir(id, fuse_union)?;
             (id, mounts)
         };
         if let Err(e) = tx.commit() {
@@ -340,11 +379,13 @@ impl Snapshots {
     }
 
     /// Builds `snapshots/<id>/{fs,work}` via a temp dir and a rename.
-    fn create_dir(&self, id: u64) -> Result<()> {
+    fn create_dir(&self, id: u64, with_rootfs: bool) -> Result<()> {
         let base = self.snapshots_dir();
         let tmp = base.join(format!("new-{id}-{}", fastrand::u64(..)));
+        let subdirs: &[&str] =
+            if with_rootfs { &["fs", "work", "rootfs"] } else { &["fs", "work"] };
         let build = || -> Result<()> {
-            for sub in ["fs", "work"] {
+            for sub in subdirs {
                 let d = tmp.join(sub);
                 fs::create_dir_all(&d).map_err(io_err(&d))?;
             }
@@ -383,7 +424,11 @@ impl Snapshots {
         let parents: Vec<PathBuf> =
             parent_ids(table, record)?.into_iter().map(|id| self.dir_of(id)).collect();
         let parents: Vec<&Path> = parents.iter().map(PathBuf::as_path).collect();
-        Ok(mounts::mounts_for(record.kind, &self.dir_of(record.id), &parents))
+        let dir = self.dir_of(record.id);
+        if record.fuse_union {
+            return Ok(vec![mounts::bind(&dir.join("rootfs"), false)]);
+        }
+        Ok(mounts::mounts_for(record.kind, &dir, &parents))
     }
 
     /// Commits Active snapshot `key` as `name`; `key` disappears. Its usage
@@ -411,6 +456,7 @@ impl Snapshots {
                 created: now,
                 updated: now,
                 usage: Some(usage),
+                fuse_union: false,
                 ..record
             };
             table.remove(key)?;
@@ -421,8 +467,8 @@ impl Snapshots {
     }
 
     /// Removes snapshot `key`; refused while a snapshot has it as parent.
-    /// A remote snapshot's `fs` is first handed to `unmount`; when that
-    /// fails, nothing is removed.
+    /// What the daemon serves of it ([`Snapshots::served_at`]) is first
+    /// handed to `unmount`; when that fails, nothing is removed.
     pub fn remove(&self, key: &str, unmount: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
         let tx = self.db.begin_write()?;
         let id = {
@@ -435,8 +481,8 @@ impl Snapshots {
                     "snapshot {key} has a child {child}"
                 )));
             }
-            if record.remote.is_some() {
-                unmount(&self.dir_of(record.id).join("fs"))?;
+            if let Some(served) = self.daemon_mount(&record) {
+                unmount(&served)?;
             }
             table.remove(key)?;
             record.id

@@ -16,23 +16,27 @@ pub struct Mount {
     pub options: Vec<String>,
 }
 
+/// A bind mount of `dir`, read-only or not.
+pub(crate) fn bind(dir: &Path, read_only: bool) -> Mount {
+    Mount {
+        kind: "bind".to_owned(),
+        source: dir.to_string_lossy().into_owned(),
+        options: vec![if read_only { "ro" } else { "rw" }.to_owned(), "rbind".to_owned()],
+    }
+}
+
 /// The mounts of a snapshot of `kind` whose own dir is `dir` (holding `fs`
 /// and `work`) on top of `parents`' dirs, nearest parent first.
 pub(crate) fn mounts_for(kind: Kind, dir: &Path, parents: &[&Path]) -> Vec<Mount> {
     let fs = |d: &Path| d.join("fs").to_string_lossy().into_owned();
-    let bind = |source: String, ro: bool| Mount {
-        kind: "bind".to_owned(),
-        source,
-        options: vec![if ro { "ro" } else { "rw" }.to_owned(), "rbind".to_owned()],
-    };
     let lowerdir = || {
         let lowers: Vec<String> = parents.iter().map(|p| fs(p)).collect();
         format!("lowerdir={}", lowers.join(":"))
     };
     match (kind, parents) {
-        (Kind::Active, []) => vec![bind(fs(dir), false)],
-        (_, []) => vec![bind(fs(dir), true)],
-        (Kind::View, [only]) => vec![bind(fs(only), true)],
+        (Kind::Active, []) => vec![bind(&dir.join("fs"), false)],
+        (_, []) => vec![bind(&dir.join("fs"), true)],
+        (Kind::View, [only]) => vec![bind(&only.join("fs"), true)],
         (Kind::Active, _) => vec![Mount {
             kind: "overlay".to_owned(),
             source: "overlay".to_owned(),

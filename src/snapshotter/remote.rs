@@ -13,11 +13,11 @@
 //! for containerd); anything else falls back to containerd's ordinary
 //! unpacking.
 
-use super::{Result, SnapshotError, Snapshots};
+use super::{Mount, Result, SnapshotError, Snapshots};
 use crate::digest::Digest;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The label naming the snapshot to commit (containerd's unpacker sets it).
 pub const TARGET_LABEL: &str = "containerd.io/snapshot.ref";
@@ -77,8 +77,14 @@ pub trait LazyLayers: Send + Sync {
         image: &str,
         layer: &Digest,
     ) -> std::result::Result<Option<RemoteLayers>, String>;
-    /// Mounts `remote` read-only at `at`.
-    fn mount(&self, remote: &RemoteLayers, at: &Path) -> std::result::Result<(), String>;
+    /// Mounts `remote` at `at`: read-only, or writable over `upper` (its
+    /// upper and work dirs, in kernel overlayfs' format).
+    fn mount(
+        &self,
+        remote: &RemoteLayers,
+        at: &Path,
+        upper: Option<(PathBuf, PathBuf)>,
+    ) -> std::result::Result<(), String>;
     /// Unmounts what [`LazyLayers::mount`] mounted at `at`; fine if nothing is.
     fn unmount(&self, at: &Path) -> std::result::Result<(), String>;
     /// Whether something serves `at`.
@@ -120,7 +126,7 @@ pub fn try_lazy(
     let mut labels = labels;
     labels.insert(REMOTE_LABEL.to_owned(), "rmount".to_owned());
     let fs = snapshots.create_remote(&request.target, parent, labels, remote.clone())?;
-    if let Err(e) = lazy.mount(&remote, &fs) {
+    if let Err(e) = lazy.mount(&remote, &fs, None) {
         tracing::warn!(image = %remote.image, error = %e, "lazy mount failed; unpacking the layer");
         snapshots.remove(&request.target, |_| Ok(()))?;
         return Ok(false);
@@ -136,11 +142,47 @@ pub fn mount_missing(snapshots: &Snapshots, lazy: &dyn LazyLayers) -> Result<()>
         if lazy.is_mounted(&fs) {
             continue;
         }
-        lazy.mount(&remote, &fs).map_err(|e| {
+        lazy.mount(&remote, &fs, None).map_err(|e| {
             SnapshotError::FailedPrecondition(format!("mounting remote snapshot {name}: {e}"))
         })?;
     }
     Ok(())
+}
+
+/// Prepares active snapshot `key` on the lazily served `parent` as rmount's
+/// writable FUSE union (for kernels whose overlayfs refuses a FUSE lower):
+/// the daemon mounts the parent's layers with the snapshot's `fs` as upper
+/// at its `rootfs`, which containerd bind-mounts.
+pub fn prepare_fuse_union(
+    snapshots: &Snapshots,
+    lazy: &dyn LazyLayers,
+    key: &str,
+    parent: &str,
+    labels: BTreeMap<String, String>,
+) -> Result<Vec<Mount>> {
+    let (mounts, dir, remote) = snapshots.prepare_fuse_union(key, parent, labels)?;
+    let upper = Some((dir.join("fs"), dir.join("work")));
+    if let Err(e) = lazy.mount(&remote, &dir.join("rootfs"), upper) {
+        snapshots.remove(key, |_| Ok(()))?;
+        return Err(SnapshotError::FailedPrecondition(format!("mounting {key}: {e}")));
+    }
+    Ok(mounts)
+}
+
+/// Commits active snapshot `key` as `name`, first unmounting its FUSE
+/// union if it has one (its upper is then still).
+pub fn commit(
+    snapshots: &Snapshots,
+    lazy: Option<&dyn LazyLayers>,
+    name: &str,
+    key: &str,
+    labels: BTreeMap<String, String>,
+) -> Result<()> {
+    if let (Some(served), Some(lazy)) = (snapshots.served_at(key)?, lazy) {
+        lazy.unmount(&served)
+            .map_err(|e| SnapshotError::FailedPrecondition(format!("unmounting {key}: {e}")))?;
+    }
+    snapshots.commit(name, key, labels)
 }
 
 /// Removes `key`, unmounting it first when it is served lazily.

@@ -16,18 +16,35 @@ use tonic::{Request, Response, Status};
 /// Infos per `List` reply message.
 const LIST_BATCH: usize = 100;
 
+/// What mounts an active snapshot whose parent is served lazily.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ActiveUnion {
+    /// Kernel overlayfs over the FUSE-mounted layers (containerd mounts it).
+    #[default]
+    Overlayfs,
+    /// rmount's own writable FUSE union, for kernels whose overlayfs
+    /// refuses a FUSE lower (containerd bind-mounts it).
+    Fuse,
+}
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct SnapshotService {
     snapshots: Arc<Snapshots>,
     lazy: Option<Arc<dyn LazyLayers>>,
+    union: ActiveUnion,
 }
 
 impl SnapshotService {
     /// Serves `snapshots`; with `lazy`, layers whose `Prepare` labels say
-    /// which image they belong to are served lazily (see [`remote`]).
-    pub fn new(snapshots: Arc<Snapshots>, lazy: Option<Arc<dyn LazyLayers>>) -> Self {
-        Self { snapshots, lazy }
+    /// which image they belong to are served lazily (see [`remote`]), and
+    /// active snapshots on them are mounted as `union` says.
+    pub fn new(
+        snapshots: Arc<Snapshots>,
+        lazy: Option<Arc<dyn LazyLayers>>,
+        union: ActiveUnion,
+    ) -> Self {
+        Self { snapshots, lazy, union }
     }
 
     /// The tonic server for this service.
@@ -61,6 +78,17 @@ impl SnapshotService {
                     "target snapshot {} (served lazily by rmount)",
                     request.target
                 )));
+            }
+        }
+        if let (ActiveUnion::Fuse, Some(lazy), Some(parent)) = (self.union, &self.lazy, parent) {
+            if self.snapshots.remote_of(parent)?.is_some() {
+                return remote::prepare_fuse_union(
+                    &self.snapshots,
+                    lazy.as_ref(),
+                    key,
+                    parent,
+                    labels,
+                );
             }
         }
         self.snapshots.prepare(key, parent, labels)
@@ -177,7 +205,10 @@ impl pb::snapshots_server::Snapshots for SnapshotService {
         request: Request<pb::CommitSnapshotRequest>,
     ) -> Result<Response<()>, Status> {
         let r = request.into_inner();
-        self.run(move |s| s.snapshots.commit(&r.name, &r.key, sorted(r.labels))).await
+        self.run(move |s| {
+            remote::commit(&s.snapshots, s.lazy.as_deref(), &r.name, &r.key, sorted(r.labels))
+        })
+        .await
     }
 
     async fn remove(

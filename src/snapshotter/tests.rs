@@ -295,3 +295,38 @@ fn overlay_mount_for_real() {
     assert_eq!(fs::read_to_string(upper.join("new")).unwrap(), "written");
     assert!(!upper.join("one").exists());
 }
+
+#[test]
+fn remote_parents_cut_the_lowerdirs_and_fuse_unions_bind_their_rootfs() {
+    let (_d, s) = store();
+    let remote = |layers| RemoteLayers { image: "r/i@sha256:00".into(), layers };
+    let base = s.create_remote("lazy-1", None, BTreeMap::new(), remote(1)).unwrap();
+    let top = s.create_remote("lazy-2", Some("lazy-1"), BTreeMap::new(), remote(2)).unwrap();
+    assert!(base.ends_with("fs") && top.ends_with("fs"));
+    assert_eq!(s.remote_of("lazy-2").unwrap(), Some(remote(2)));
+    assert_eq!(s.served_at("lazy-2").unwrap(), Some(top.clone()));
+
+    // Kernel overlayfs: one lowerdir, the nearest lazy snapshot's fs.
+    let mounts = s.prepare("ctr", Some("lazy-2"), BTreeMap::new()).unwrap();
+    assert_eq!(option(&mounts[0], "lowerdir=").map(PathBuf::from), Some(top.clone()));
+    assert_eq!(s.served_at("ctr").unwrap(), None);
+
+    // rmount's FUSE union: a bind of the snapshot's rootfs.
+    let (mounts, dir, under) = s.prepare_fuse_union("fuse", "lazy-2", BTreeMap::new()).unwrap();
+    assert_eq!(under, remote(2));
+    assert_eq!(fs_dir(&mounts[0]), dir.join("rootfs"));
+    assert!(dir.join("rootfs").is_dir() && dir.join("fs").is_dir());
+    assert_eq!(s.mounts("fuse").unwrap(), mounts);
+    assert_eq!(s.served_at("fuse").unwrap(), Some(dir.join("rootfs")));
+    let mut unmounted = Vec::new();
+    s.remove("fuse", |p| {
+        unmounted.push(p.to_path_buf());
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(unmounted, [dir.join("rootfs")]);
+    assert!(matches!(
+        s.prepare_fuse_union("x", "ctr-missing", BTreeMap::new()),
+        Err(SnapshotError::NotFound(_))
+    ));
+}

@@ -41,8 +41,6 @@ for tool in containerd ctr ctr-remote runc nsenter curl docker-registry skopeo; 
   command -v "$tool" > /dev/null || { echo "bench-containerd: $tool is missing" >&2; exit 1; }
 done
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
 NS=bench
 R=$WORK/rmount   # the rmount daemon's root, new every run
 CD=$WORK/ctrd    # containerd's config, root, state, socket, log; new every run
@@ -52,18 +50,7 @@ ctr_() { timeout 120 ctr --address "$SOCK" -n "$NS" "$@"; }
 export RMOUNT_HOSTS_DIR=$WORK/hosts.d # no mirrors from the host
 mkdir -p "$RMOUNT_HOSTS_DIR"
 
-# The registry, kept for the whole run.
-reg=127.0.0.1:$(free_port)
-cat > "$WORK/registry.yml" << YML
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $WORK/registry}, delete: {enabled: true}}
-http: {addr: $reg}
-YML
-docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 < /dev/null &
-echo $! > "$WORK/registry.pid"
-for _ in $(seq 100); do curl -s -o /dev/null "http://$reg/v2/" && break; sleep 0.05; done
-stop_registry() { [[ -f $WORK/registry.pid ]] && kill "$(cat "$WORK/registry.pid")" 2> /dev/null || true; }
+start_registry # kept for the whole run
 
 # unmount_under DIR: unmounts everything mounted under DIR, deepest first.
 unmount_under() {

@@ -38,20 +38,7 @@ if ! command -v strace > /dev/null; then
     echo "bench-lazy: strace is missing; bytes read will show FAILED" >&2
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# The registry, kept for the whole run.
-reg=127.0.0.1:$(free_port)
-cat > "$WORK/registry.yml" << YML
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $WORK/registry}, delete: {enabled: true}}
-http: {addr: $reg}
-YML
-docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 &
-echo $! > "$WORK/registry.pid"
-for _ in $(seq 100); do curl -s -o /dev/null "http://$reg/v2/" && break; sleep 0.05; done
-stop_registry() { kill "$(cat "$WORK/registry.pid")" 2> /dev/null || true; }
+start_registry # kept for the whole run
 
 export RMOUNT WORK
 export RMOUNT_HOSTS_DIR=$WORK/hosts.d # no mirrors from the host

@@ -1,4 +1,4 @@
-# Shared by scripts/bench-read.sh and scripts/bench-write.sh; sourced, not run.
+# Shared by the scripts/bench-*.sh scripts; sourced, not run.
 # The caller has `cd`ed to the repository root and set `set -euo pipefail`.
 
 # Installs what the benchmarks use, builds rmount (or takes the binary at
@@ -38,6 +38,27 @@ bench_cleanup() {
 }
 
 DROP="sync; echo 3 > /proc/sys/vm/drop_caches"
+
+# free_port: a free TCP port on 127.0.0.1.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# start_registry: Debian's docker-registry on a free loopback port, storing
+# under $WORK/registry, kept for the whole run; sets $reg (HOST:PORT). The
+# caller's EXIT trap calls stop_registry.
+start_registry() {
+  reg=127.0.0.1:$(free_port)
+  cat > "$WORK/registry.yml" << YML
+version: 0.1
+log: {level: error}
+storage: {filesystem: {rootdirectory: $WORK/registry}, delete: {enabled: true}}
+http: {addr: $reg}
+YML
+  docker-registry serve "$WORK/registry.yml" > "$WORK/registry.log" 2>&1 < /dev/null &
+  echo $! > "$WORK/registry.pid"
+  for _ in $(seq 100); do curl -s -o /dev/null "http://$reg/v2/" && break; sleep 0.05; done
+}
+
+stop_registry() { [[ -f $WORK/registry.pid ]] && kill "$(cat "$WORK/registry.pid")" 2> /dev/null || true; }
 
 # median WORKLOAD-CMD [PREPARE-CMD] [WARMUP]: median seconds over $RUNS runs.
 # Prints FAILED (and the command's last output lines on stderr, also kept in

@@ -816,6 +816,12 @@ fn fuse_union_serves_container_rootfs_without_kernel_overlayfs() {
         theirs.contains_key("written.txt") && theirs.contains_key("etc/.wh.motd"),
         "{theirs:#?}"
     );
+    // The commit pauses the union while it reads the upper, and resumes it.
     lazy.daemon.ok(&["commit", "--snapshot", &id, "localhost/fuse-committed:v1"]);
+    assert_eq!(lazy.ctd.exec_ok(&id, &["cat", "/written.txt"]), "written\n", "after the commit");
+    let image: Value =
+        serde_json::from_str(&lazy.daemon.ok(&["inspect", "localhost/fuse-committed:v1"])).unwrap();
+    let layers = image[0]["Layers"].as_array().map_or(0, Vec::len);
+    assert_eq!(layers, lazy.layers.len() + 1, "the image's layers and the container's");
     lazy.ctd.kill_task(&id);
 }

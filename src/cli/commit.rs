@@ -93,7 +93,7 @@ fn snapshot(root: &Path, store: &Store, key: &str) -> Result<Source> {
     else {
         bail!("the daemon answered something else than a snapshot");
     };
-    Ok(Source::snapshot(store, &snapshot)?)
+    Ok(Source::snapshot(store, &snapshot, &paths.socket)?)
 }
 
 pub fn diff(root: &Path, args: &DiffArgs) -> Result<()> {

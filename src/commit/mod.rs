@@ -134,11 +134,14 @@ impl Source {
     }
 
     /// An active containerd snapshot on an image rmount serves lazily: the
-    /// image and the snapshot's upper dir. Like `docker commit --pause=false`,
+    /// image and the snapshot's upper dir. A snapshot served by the daemon's
+    /// FUSE union (`daemon` is its control socket) is paused while this
+    /// lives; over kernel overlayfs, like `docker commit --pause=false`,
     /// nothing stops the container meanwhile.
     pub fn snapshot(
         store: &Store,
         snapshot: &crate::snapshotter::ActiveOnImage,
+        daemon: &Path,
     ) -> Result<Source, CommitError> {
         let mut source = Source::image(store, &snapshot.remote.image)?;
         if source.image.layers.len() != snapshot.remote.layers {
@@ -155,6 +158,9 @@ impl Source {
             .map_err(|source| CommitError::Upper { path: upper.clone(), source })?;
         source.upper = Some(dir);
         source.upper_path = Some(upper.clone());
+        if let Some(union) = &snapshot.fuse_union {
+            source._pause = Some(Hold::Daemon { _lease: pause_through_daemon(daemon, union)? });
+        }
         Ok(source)
     }
 

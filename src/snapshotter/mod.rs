@@ -158,6 +158,10 @@ pub struct ActiveOnImage {
     pub upper: PathBuf,
     /// The image layers below it.
     pub remote: RemoteLayers,
+    /// Where the daemon serves it as a writable FUSE union, if it does (a
+    /// commit pauses that mount while it reads the upper).
+    #[serde(default)]
+    pub fuse_union: Option<PathBuf>,
 }
 
 /// The snapshot store under one root directory.
@@ -310,7 +314,8 @@ impl Snapshots {
                 ))
             })?;
         let dir = self.dir_of(record.id);
-        Ok(ActiveOnImage { key: full_key, upper: dir.join("fs"), remote })
+        let fuse_union = self.daemon_mount(&record);
+        Ok(ActiveOnImage { key: full_key, upper: dir.join("fs"), remote, fuse_union })
     }
 
     /// Every remote snapshot: its name, `fs` dir and layers.

@@ -143,7 +143,7 @@ impl Source {
         snapshot: &crate::snapshotter::ActiveOnImage,
         daemon: &Path,
     ) -> Result<Source, CommitError> {
-        let mut source = Source::image(store, &snapshot.remote.image)?;
+        let source = Source::image(store, &snapshot.remote.image)?;
         if source.image.layers.len() != snapshot.remote.layers {
             return Err(CommitError::Invalid(format!(
                 "snapshot {} sits on {} of the {} layers of {}; only a snapshot on a whole image can be committed",
@@ -153,15 +153,11 @@ impl Source {
                 snapshot.remote.image
             )));
         }
-        let upper = &snapshot.upper;
-        let dir = Dir::open(upper)
-            .map_err(|source| CommitError::Upper { path: upper.clone(), source })?;
-        source.upper = Some(dir);
-        source.upper_path = Some(upper.clone());
-        if let Some(union) = &snapshot.fuse_union {
-            source._pause = Some(Hold::Daemon { _lease: pause_through_daemon(daemon, union)? });
-        }
-        Ok(source)
+        let pause = match &snapshot.fuse_union {
+            Some(union) => Some(Hold::Daemon { _lease: pause_through_daemon(daemon, union)? }),
+            None => None,
+        };
+        source.with_upper(snapshot.upper.clone(), pause)
     }
 
     /// The live mount at `mountpoint` (absolute, canonical), with its serving
@@ -170,7 +166,7 @@ impl Source {
         let record = store
             .mount_at(mountpoint)?
             .ok_or_else(|| CommitError::NotMounted(mountpoint.to_path_buf()))?;
-        let mut source = Source::image(store, &record.image_id.to_string())?;
+        let source = Source::image(store, &record.image_id.to_string())?;
         let Some(upper) = record.upper else { return Ok(source) };
         // A relative --upper is relative to the server's working directory.
         let upper = match upper.is_absolute() {
@@ -186,12 +182,17 @@ impl Source {
                     .map_err(|source| CommitError::Pause { pid: record.pid, source })?,
             },
         };
+        source.with_upper(upper, Some(pause))
+    }
+
+    /// This source with the changes in `upper`, kept still by `pause`.
+    fn with_upper(mut self, upper: PathBuf, pause: Option<Hold>) -> Result<Source, CommitError> {
         let dir = Dir::open(&upper)
             .map_err(|source| CommitError::Upper { path: upper.clone(), source })?;
-        source.upper = Some(dir);
-        source.upper_path = Some(upper);
-        source._pause = Some(pause);
-        Ok(source)
+        self.upper = Some(dir);
+        self.upper_path = Some(upper);
+        self._pause = pause;
+        Ok(self)
     }
 
     /// The entries of a layer of this source's changes ([`Mode::Diff`]) or

@@ -198,7 +198,7 @@ impl Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::Active, key, parent, labels, None, false)
+        self.create(Kind::Active, key, parent, labels, None, false).map(|(mounts, _)| mounts)
     }
 
     /// Creates an active snapshot `key` on the lazily served `parent`, to be
@@ -214,10 +214,7 @@ impl Snapshots {
         let remote = self.remote_of(parent)?.ok_or_else(|| {
             SnapshotError::InvalidArgument(format!("{parent} is not served lazily"))
         })?;
-        let mounts = self.create(Kind::Active, key, Some(parent), labels, None, true)?;
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(SNAPSHOTS)?;
-        let dir = self.dir_of(metadata::must_get(&table, key)?.id);
+        let (mounts, dir) = self.create(Kind::Active, key, Some(parent), labels, None, true)?;
         Ok((mounts, dir, remote))
     }
 
@@ -245,7 +242,7 @@ impl Snapshots {
         parent: Option<&str>,
         labels: BTreeMap<String, String>,
     ) -> Result<Vec<Mount>> {
-        self.create(Kind::View, key, parent, labels, None, false)
+        self.create(Kind::View, key, parent, labels, None, false).map(|(mounts, _)| mounts)
     }
 
     /// Records committed snapshot `name` on top of `parent`, to be served
@@ -257,15 +254,8 @@ impl Snapshots {
         labels: BTreeMap<String, String>,
         remote: RemoteLayers,
     ) -> Result<PathBuf> {
-        self.create(Kind::Committed, name, parent, labels, Some(remote), false)?;
-        self.fs_dir(name)
-    }
-
-    /// The `fs` dir of snapshot `key`.
-    pub fn fs_dir(&self, key: &str) -> Result<PathBuf> {
-        let tx = self.db.begin_read()?;
-        let table = tx.open_table(SNAPSHOTS)?;
-        Ok(self.dir_of(metadata::must_get(&table, key)?.id).join("fs"))
+        let (_, dir) = self.create(Kind::Committed, name, parent, labels, Some(remote), false)?;
+        Ok(dir.join("fs"))
     }
 
     /// How snapshot `key` is served lazily, if it is a remote snapshot.
@@ -336,7 +326,7 @@ impl Snapshots {
         labels: BTreeMap<String, String>,
         remote: Option<RemoteLayers>,
         fuse_union: bool,
-    ) -> Result<Vec<Mount>> {
+    ) -> Result<(Vec<Mount>, PathBuf)> {
         check_key(key)?;
         let tx = self.db.begin_write()?;
         let (id, mounts) = {
@@ -380,10 +370,11 @@ impl Snapshots {
             let _ = fs::remove_dir_all(self.dir_of(id));
             return Err(e.into());
         }
-        Ok(mounts)
+        Ok((mounts, self.dir_of(id)))
     }
 
-    /// Builds `snapshots/<id>/{fs,work}` via a temp dir and a rename.
+    /// Builds `snapshots/<id>/{fs,work}` (and `rootfs` for a FUSE union)
+    /// via a temp dir and a rename.
     fn create_dir(&self, id: u64, with_rootfs: bool) -> Result<()> {
         let base = self.snapshots_dir();
         let tmp = base.join(format!("new-{id}-{}", fastrand::u64(..)));

@@ -94,6 +94,6 @@ impl LazyLayers for Daemon {
     }
 
     fn is_mounted(&self, at: &Path) -> bool {
-        self.list().iter().any(|m| m.mountpoint == at)
+        self.serves(at)
     }
 }

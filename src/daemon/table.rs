@@ -268,6 +268,11 @@ impl Daemon {
             .collect()
     }
 
+    /// Whether this daemon serves a mount at `mountpoint`.
+    pub fn serves(&self, mountpoint: &Path) -> bool {
+        self.lock().live.contains_key(mountpoint)
+    }
+
     /// Every mount, sorted by mountpoint.
     pub fn list(&self) -> Vec<MountInfo> {
         self.lock().live.values().map(|live| self.info(live)).collect()

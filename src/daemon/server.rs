@@ -180,7 +180,7 @@ impl Context {
         match request {
             Request::Ping => (
                 ok(Reply::Pong {
-                    socket: self.daemon.socket().to_path_buf(),
+                    socket: self.daemon.paths().socket.clone(),
                     snapshotter_socket: self.daemon.paths().snapshotter.clone(),
                     pid: std::process::id(),
                     keeper_pid: self.keeper_pid,

@@ -110,11 +110,6 @@ impl Daemon {
         }
     }
 
-    /// The control socket.
-    pub fn socket(&self) -> &Path {
-        &self.paths.socket
-    }
-
     /// Where this daemon keeps its sockets and state.
     pub fn paths(&self) -> &DaemonPaths {
         &self.paths

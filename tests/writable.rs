@@ -315,6 +315,23 @@ fn fsynced_changes_survive_kill_9_of_the_server() {
 /// copy takes a while.
 const BIG: usize = 200 << 20;
 
+/// The regular files under `dir` and their sizes, now: what vanishes while
+/// it is read (a copy-up renames its temporaries away) is skipped.
+fn files_now(dir: &Path) -> Vec<(PathBuf, u64)> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            match entry.metadata() {
+                Ok(meta) if meta.is_dir() => stack.push(entry.path()),
+                Ok(meta) if meta.is_file() => files.push((entry.path(), meta.len())),
+                _ => {}
+            }
+        }
+    }
+    files
+}
+
 #[test]
 fn copy_up_killed_midway_leaves_the_lower_or_the_whole_copy() {
     if !require_root_fuse(&["umount", "fusermount3"]) {
@@ -347,10 +364,8 @@ fn copy_up_killed_midway_leaves_the_lower_or_the_whole_copy() {
     // Wait until half a copy is in the work directory, then kill.
     let start = Instant::now();
     let partial = loop {
-        let growing = walk(&work).into_iter().find(|p| {
-            std::fs::symlink_metadata(p).is_ok_and(|m| m.is_file() && m.len() > BIG as u64 / 2)
-        });
-        if let Some(path) = growing {
+        let growing = files_now(&work).into_iter().find(|(_, len)| *len > BIG as u64 / 2);
+        if let Some((path, _)) = growing {
             break path;
         }
         assert!(!opener.is_finished(), "the copy-up finished before it was seen in {work:?}");
